@@ -1,0 +1,188 @@
+"""The ``cyclereg`` command line. Heavy modules are imported inside each command.
+
+Errors a user can fix are printed as one line, ``cyclereg: error: ...``, with exit code 2 for a bad
+argument or config and 1 for bad data; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from . import __version__
+from .errors import CycleregError, UsageError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cyclereg", description="Unsupervised deformable image registration with inverse and cycle consistency.")
+    p.add_argument("--version", action="version", version=f"cyclereg {__version__}")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="train on synthetic triangles & circles for a few minutes and show the result")
+    demo.add_argument("--out", default="cyclereg-demo", help="output folder (default: %(default)s)")
+    demo.add_argument("--steps", type=int, default=None, help="training steps (default: the demo's budget)")
+
+    tr = sub.add_parser("train", help="train a model from a TOML config")
+    tr.add_argument("config", help="config file (examples in configs/)")
+    tr.add_argument("--out", required=True, help="output folder: model.safetensors, checkpoint.pt, log.jsonl")
+    tr.add_argument("--steps", type=int, default=None, help="total training steps (stages are rescaled)")
+    tr.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    tr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value, e.g. model.lam=512")
+    tr.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    tr.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    ev = sub.add_parser("evaluate", help="score a model on held-out pairs")
+    ev.add_argument("--model", required=True)
+    ev.add_argument("--dataset", choices=["mnist", "triangles"], default=None)
+    ev.add_argument("--root", default=None, help="mnist: folder of the IDX files (default: the model's)")
+    ev.add_argument("--split", choices=["train", "heldout", "test"], default="heldout",
+                    help="mnist: 'heldout' (training file's images kept out of training; default), 'test' (t10k files) or 'train'")
+    ev.add_argument("--digit", type=int, default=None, help="mnist digit (default: the model's)")
+    ev.add_argument("--size", type=int, default=None, help="triangles: image size (default: the model's)")
+    ev.add_argument("--pairs-csv", default=None, help="CSV with columns fixed, moving[, fixed_labels, moving_labels]")
+    ev.add_argument("--pairs", type=int, default=100, help="number of random pairs (default: %(default)s)")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--io-steps", type=int, default=0, help="instance optimisation steps per pair")
+    ev.add_argument("--json", default=None, help="write the summary here")
+    ev.add_argument("--device", default=None)
+
+    rg = sub.add_parser("register", help="register a moving image to a fixed image")
+    rg.add_argument("--model", required=True)
+    rg.add_argument("--fixed", required=True)
+    rg.add_argument("--moving", required=True)
+    rg.add_argument("--warped", help="warped moving image (fixed image's grid)")
+    rg.add_argument("--transform", help="ITK displacement-field transform (.h5, .tfm) or vector image (.nii.gz, .mha)")
+    rg.add_argument("--moving-labels", help="label map of the moving image")
+    rg.add_argument("--warped-labels", help="warped label map (nearest neighbour, same pixel type)")
+    rg.add_argument("--jacobian", help="Jacobian determinant map")
+    rg.add_argument("--io-steps", type=int, default=0, help="instance optimisation steps on this pair")
+    rg.add_argument("--device", default=None)
+    return p
+
+
+def _device(name):
+    import torch
+
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device: expected cpu or cuda, got {name!r}") from None
+
+
+def _cmd_train(args) -> int:
+    from .config import load_config
+    from .train import train
+
+    overrides = list(args.set)
+    if args.steps is not None:
+        overrides.append(f"train.steps={args.steps}")
+    cfg = load_config(args.config, overrides)
+    path = train(cfg, args.out, resume=args.resume, device=_device(args.device), progress=not args.quiet)
+    print(f"model written to {path}")
+    return 0
+
+
+def _cmd_evaluate(args) -> int:
+    import torch
+
+    from .atomic import write_text
+    from .modelfile import load_model
+
+    if args.pairs < 1:
+        raise UsageError(f"--pairs: expected at least 1, got {args.pairs}")
+    if args.json and not Path(args.json).resolve().parent.is_dir():
+        raise UsageError(f"--json {args.json}: folder {Path(args.json).parent} does not exist")
+    model, info = load_model(args.model, _device(args.device))
+    if args.pairs_csv:
+        from .evaluate_files import evaluate_csv
+
+        summary = evaluate_csv(model, info, args.pairs_csv, io_steps=args.io_steps)
+    else:
+        summary = _evaluate_dataset(model, info, args)
+    text = json.dumps(summary, indent=2)
+    print(text)
+    if args.json:
+        write_text(args.json, text + "\n")
+    return 0
+
+
+def _evaluate_dataset(model, info, args) -> dict:
+    import dataclasses
+
+    from .data import dataset_images, fixed_pairs
+    from .evaluate import score_pairs, summarise
+    from .register import instance_optimisation, settings_of
+
+    data = info.config.data
+    dataset = args.dataset or data.dataset
+    if dataset == "mnist":
+        data = dataclasses.replace(data, dataset="mnist", root=args.root or data.root,
+                                   digit=data.digit if args.digit is None else args.digit)
+        if not data.root:
+            raise UsageError("--root: the folder of the MNIST IDX files is required")
+        if data.digit not in range(10):
+            raise UsageError(f"--digit: expected an integer from 0 to 9, got {data.digit}")
+    else:
+        data = dataclasses.replace(data, dataset="triangles", size=args.size or info.shape[-1])
+    images = dataset_images(data, args.split if dataset == "mnist" else "test", n_test=2 * args.pairs)
+    if tuple(images.shape[2:]) != tuple(info.shape):
+        raise UsageError(f"the model registers images of shape {tuple(info.shape)}, the dataset has {tuple(images.shape[2:])}")
+    moving, fixed = fixed_pairs(images, args.pairs, args.seed)
+    register = None
+    if args.io_steps:
+        def register(m, f):
+            with instance_optimisation(model, m, f, settings_of(info.config), args.io_steps) as tuned:
+                return tuned(m, f), tuned(f, m)
+    batch = 1 if args.io_steps else 64
+    return summarise(score_pairs(model, moving, fixed, batch_size=batch, register=register), info.shape)
+
+
+def _cmd_register(args) -> int:
+    from .modelfile import load_model
+    from .register import register_files
+
+    outputs = [args.warped, args.transform, args.warped_labels, args.jacobian]
+    if not any(outputs):
+        raise UsageError("register: name at least one output (--warped, --transform, --warped-labels, --jacobian)")
+    for out in filter(None, outputs):
+        if not Path(out).resolve().parent.is_dir():
+            raise UsageError(f"output {out}: folder {Path(out).parent} does not exist")
+    model, info = load_model(args.model, _device(args.device))
+    summary = register_files(model, info, args.fixed, args.moving, warped=args.warped, transform=args.transform,
+                             jacobian=args.jacobian, moving_labels=args.moving_labels,
+                             warped_labels=args.warped_labels, io_steps=args.io_steps)
+    print(json.dumps(summary))
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(args.out, steps=args.steps)
+    return 0
+
+
+COMMANDS = {"demo": _cmd_demo, "train": _cmd_train, "evaluate": _cmd_evaluate, "register": _cmd_register}
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except CycleregError as err:
+        if args.debug:
+            raise
+        print(f"cyclereg: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("cyclereg: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,198 @@
+"""Training configuration: TOML files read into typed dataclasses, with validation.
+
+Unknown keys, wrong types and out-of-range values raise :class:`~cyclereg.errors.UsageError` naming
+the key. ``--set key=value`` overrides use TOML syntax for the value (``--set model.lam=512``,
+``--set data.root='"/data/mnist"'`` or simply ``--set data.root=/data/mnist``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from .errors import UsageError
+
+__all__ = ["DataConfig", "StepConfig", "ModelConfig", "StageConfig", "TrainConfig", "Config",
+           "load_config", "config_from_dict", "apply_overrides"]
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "triangles"  # "triangles" or "mnist"
+    root: str = ""  # mnist: folder of the IDX files
+    digit: int = 5  # mnist: the digit to register
+    holdout: float = 0.1  # mnist: fraction of the digit's training images kept out for validation
+    size: int = 128  # triangles: image size
+    n_train: int = 6000  # triangles: number of training images
+    val_pairs: int = 64  # held-out pairs scored during training
+    seed: int = 0  # data generation and held-out pairs
+
+
+@dataclass
+class StepConfig:
+    network: str = "unet"  # unet, mlp, encdec, convonly
+    downsample: int = 1  # 1: full resolution, 2: images halved
+    params: dict = field(default_factory=dict)  # network arguments, e.g. channels = [16, 32, 64]
+
+
+@dataclass
+class ModelConfig:
+    method: str = "icon"  # icon, gradicon, diffusion
+    similarity: str = "mse"  # mse, ncc, lncc
+    lam: float = 256.0  # weight of the regulariser
+    noise: float = 0.0  # icon: map noise ε in voxels (ICON §2.3)
+    sigma: float = 2.0  # lncc: Gaussian window in voxels
+    steps: list[StepConfig] = field(default_factory=lambda: [StepConfig()])
+
+
+@dataclass
+class StageConfig:
+    fraction: float = 1.0  # share of train.steps spent in this stage
+    lam: float = -1.0  # regulariser weight in this stage; negative: model.lam
+    train: list[int] = field(default_factory=list)  # indices of the model steps trained; empty: all
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 2000
+    batch_size: int = 128
+    lr: float = 1e-3
+    seed: int = 0
+    log_every: int = 10
+    val_every: int = 500
+    checkpoint_every: int = 500
+    stages: list[StageConfig] = field(default_factory=list)
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _type_name(tp) -> str:
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false", dict: "a table"}.get(tp, str(tp))
+
+
+def _convert(value, tp, key: str):
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise UsageError(f"config key '{key}': expected a table, got {value!r}")
+        return _build(tp, value, key + ".")
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise UsageError(f"config key '{key}': expected a list, got {value!r}")
+        return [_convert(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise UsageError(f"config key '{key}': expected {_type_name(tp)}, got {value!r}")
+    if tp is float and not math.isfinite(value):
+        raise UsageError(f"config key '{key}': expected a finite number, got {value!r}")
+    return value
+
+
+def _build(cls, raw: dict, prefix: str = ""):
+    hints = typing.get_type_hints(cls)
+    unknown = sorted(set(raw) - set(hints))
+    if unknown:
+        raise UsageError(f"config key '{prefix}{unknown[0]}' is unknown; expected one of: {', '.join(hints)}")
+    return cls(**{name: _convert(value, hints[name], prefix + name) for name, value in raw.items()})
+
+
+def _check(cfg: Config) -> None:
+    from .methods import METHODS
+    from .networks import NETWORKS
+    from .losses import SIMILARITIES
+
+    def need(ok, key, expected, value):
+        if not ok:
+            raise UsageError(f"config key '{key}': expected {expected}, got {value!r}")
+
+    d, m, t = cfg.data, cfg.model, cfg.train
+    need(d.dataset in ("triangles", "mnist"), "data.dataset", "'triangles' or 'mnist'", d.dataset)
+    need(d.digit in range(10), "data.digit", "an integer from 0 to 9", d.digit)
+    need(0 < d.holdout < 1, "data.holdout", "a fraction between 0 and 1", d.holdout)
+    need(d.size >= 8, "data.size", "an image size of at least 8", d.size)
+    need(d.n_train >= 2, "data.n_train", "at least 2 images", d.n_train)
+    need(d.val_pairs >= 1, "data.val_pairs", "at least 1", d.val_pairs)
+    if d.dataset == "mnist":
+        need(bool(d.root), "data.root", "the folder of the MNIST IDX files (set it with --set data.root=DIR)", d.root)
+    need(m.method in METHODS, "model.method", f"one of {sorted(METHODS)}", m.method)
+    need(m.similarity in SIMILARITIES, "model.similarity", f"one of {sorted(SIMILARITIES)}", m.similarity)
+    need(m.lam >= 0, "model.lam", "a weight >= 0", m.lam)
+    need(m.noise >= 0, "model.noise", "a noise level >= 0 (voxels)", m.noise)
+    need(m.sigma > 0, "model.sigma", "a window width > 0 (voxels)", m.sigma)
+    need(len(m.steps) >= 1, "model.steps", "at least one step", m.steps)
+    for i, s in enumerate(m.steps):
+        need(s.network in NETWORKS, f"model.steps[{i}].network", f"one of {sorted(NETWORKS)}", s.network)
+        need(s.downsample in (1, 2, 4), f"model.steps[{i}].downsample", "1, 2 or 4", s.downsample)
+    need(t.steps >= 1, "train.steps", "a number of steps >= 1", t.steps)
+    need(t.batch_size >= 1, "train.batch_size", "a batch size >= 1", t.batch_size)
+    need(t.lr > 0, "train.lr", "a learning rate > 0", t.lr)
+    for name in ("log_every", "val_every", "checkpoint_every"):
+        need(getattr(t, name) >= 1, f"train.{name}", "a number of steps >= 1", getattr(t, name))
+    if t.stages:
+        total = sum(s.fraction for s in t.stages)
+        need(abs(total - 1) < 1e-6, "train.stages", "fractions that add up to 1", [s.fraction for s in t.stages])
+        for i, s in enumerate(t.stages):
+            need(s.fraction > 0, f"train.stages[{i}].fraction", "a share > 0", s.fraction)
+            for j in s.train:
+                need(0 <= j < len(m.steps), f"train.stages[{i}].train", f"indices of model steps 0..{len(m.steps) - 1}", s.train)
+
+
+def config_from_dict(raw: dict) -> Config:
+    """Build and validate a :class:`Config` from nested dictionaries (as read from TOML)."""
+    cfg = _build(Config, raw)
+    _check(cfg)
+    return cfg
+
+
+def apply_overrides(raw: dict, overrides) -> dict:
+    """Apply ``key=value`` strings (TOML values; bare words are strings) to a nested dictionary."""
+    for item in overrides or []:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--set {item!r}: expected key=value, for example model.lam=512")
+        try:
+            value = tomllib.loads(f"v = {text}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = text
+        node = raw
+        *parents, last = key.strip().split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise UsageError(f"--set {item!r}: '{part}' is not a table")
+        node[last] = value
+    return raw
+
+
+def load_config(path, overrides=()) -> Config:
+    """Read a TOML config file, apply ``--set`` overrides, validate."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise UsageError(f"config file {path} does not exist") from None
+    except IsADirectoryError:
+        raise UsageError(f"config file {path} is a folder, expected a TOML file") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise UsageError(f"config file {path} is not valid TOML: {err}") from None
+    return config_from_dict(apply_overrides(raw, overrides))

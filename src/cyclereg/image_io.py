@@ -1,0 +1,126 @@
+"""Reading and writing images with SimpleITK, and the link between cyclereg's domain coordinates
+and an image's physical space.
+
+Tensor axes are the reverse of ITK's index axes: an ITK image of size ``(x, y[, z])`` becomes a tensor
+``(1, 1, [z,] y, x)`` (:mod:`cyclereg.coords`). Physical points are ITK's (LPS, ``x, y, z`` order).
+A domain coordinate ``u`` (tensor order, ``[0, 1]``) of an image is the physical point
+``origin + direction @ diag(spacing) @ reversed(u * (size - 1))``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from .atomic import atomic_path
+from .errors import DataError
+
+__all__ = ["read_image", "image_to_tensor", "Geometry", "write_image", "write_displacement"]
+
+
+def read_image(path, role: str = "image") -> sitk.Image:
+    """Read a scalar 2D or 3D image with SimpleITK; errors name ``role`` (``--fixed``...) and the file."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{role} {path} does not exist")
+    if not path.is_file():
+        raise DataError(f"{role} {path} is not a file")
+    try:
+        image = sitk.ReadImage(str(path))
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[-1] if str(err).strip() else "unknown format"
+        raise DataError(f"{role} {path} cannot be read as an image ({first})") from None
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise DataError(f"{role} {path} has {image.GetNumberOfComponentsPerPixel()} components per pixel; expected a scalar image")
+    if image.GetDimension() not in (2, 3):
+        raise DataError(f"{role} {path} is {image.GetDimension()}D; expected a 2D or 3D image")
+    if min(image.GetSize()) < 2:
+        raise DataError(f"{role} {path} has size {image.GetSize()}; every axis needs at least 2 voxels")
+    return image
+
+
+def image_to_tensor(image: sitk.Image, role: str = "image") -> torch.Tensor:
+    """``(1, 1, *spatial)`` float32 tensor of a scalar image; non-finite voxels are an error."""
+    array = sitk.GetArrayFromImage(image).astype(np.float32)
+    if not np.isfinite(array).all():
+        raise DataError(f"{role} holds NaN or infinite voxels")
+    return torch.from_numpy(array)[None, None]
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Size, spacing, origin and direction of an image, in ITK's axis order."""
+
+    size: tuple
+    spacing: tuple
+    origin: tuple
+    direction: tuple
+
+    @classmethod
+    def of(cls, image: sitk.Image) -> "Geometry":
+        return cls(image.GetSize(), image.GetSpacing(), image.GetOrigin(), image.GetDirection())
+
+    @property
+    def dim(self) -> int:
+        return len(self.size)
+
+    @property
+    def shape(self) -> tuple:
+        """The tensor shape (ITK size reversed)."""
+        return tuple(reversed(self.size))
+
+    def matrix(self) -> np.ndarray:
+        """``direction @ diag(spacing)``: ITK index offsets to physical offsets."""
+        return np.asarray(self.direction, float).reshape(self.dim, self.dim) @ np.diag(self.spacing)
+
+    def to_physical(self, points: torch.Tensor) -> torch.Tensor:
+        """Domain points ``(N, d, *S)`` (tensor order, ``[0, 1]``) -> physical ``(N, d, *S)`` (x, y, z)."""
+        d = self.dim
+        index = points.flip(1) * torch.tensor([n - 1 for n in self.size], dtype=points.dtype, device=points.device).view(1, d, *([1] * (points.ndim - 2)))
+        m = torch.tensor(self.matrix(), dtype=points.dtype, device=points.device)
+        origin = torch.tensor(self.origin, dtype=points.dtype, device=points.device).view(1, d, *([1] * (points.ndim - 2)))
+        return torch.einsum("ij,nj...->ni...", m, index) + origin
+
+    def extent_volume(self) -> float:
+        """Signed volume spanned by the voxel centres (direction handedness included)."""
+        return float(np.linalg.det(self.matrix() * np.array([n - 1 for n in self.size])[None, :]))
+
+
+def write_image(path, array, reference: sitk.Image, pixel_id=None) -> None:
+    """Write ``array`` (tensor order) with ``reference``'s geometry, atomically.
+
+    ``pixel_id`` (a SimpleITK pixel type) casts the result, with rounding and clipping for integer
+    types; formats that hold only 8-bit data (PNG, JPEG, BMP) get ``sitkUInt8``.
+    """
+    data = np.asarray(array.detach().cpu() if isinstance(array, torch.Tensor) else array)
+    suffix = "".join(Path(path).suffixes).lower()
+    if suffix.endswith((".png", ".jpg", ".jpeg", ".bmp")):
+        pixel_id = sitk.sitkUInt8
+    if pixel_id is not None and pixel_id not in (sitk.sitkFloat32, sitk.sitkFloat64):
+        info = np.iinfo(sitk.GetArrayViewFromImage(sitk.Image([1] * reference.GetDimension(), pixel_id)).dtype)
+        data = np.clip(np.rint(data), info.min, info.max)
+    image = sitk.GetImageFromArray(data.astype(np.float32))
+    image.CopyInformation(reference)
+    if pixel_id is not None:
+        image = sitk.Cast(image, pixel_id)
+    with atomic_path(path) as tmp:
+        sitk.WriteImage(image, str(tmp))
+
+
+def write_displacement(path, displacement: torch.Tensor, reference: sitk.Image) -> None:
+    """Write a physical displacement field ``(d, *spatial)`` (components x, y, z; ITK's convention:
+    fixed point + displacement = moving point) on ``reference``'s grid, as an ITK displacement-field
+    transform (``.h5``, ``.hdf5``, ``.tfm``) or a vector image (``.nii.gz``, ``.mha``, ``.nrrd``)."""
+    array = displacement.detach().cpu().double().movedim(0, -1).numpy()
+    field = sitk.GetImageFromArray(array, isVector=True)
+    field.CopyInformation(reference)
+    suffix = "".join(Path(path).suffixes).lower()
+    with atomic_path(path) as tmp:
+        if suffix.endswith((".h5", ".hdf5", ".tfm", ".txt")):
+            sitk.WriteTransform(sitk.DisplacementFieldTransform(field), str(tmp))
+        else:
+            sitk.WriteImage(field, str(tmp))

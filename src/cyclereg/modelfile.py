@@ -1,0 +1,99 @@
+"""Model files: safetensors weights with a JSON header; loading never unpickles or runs code.
+
+Header keys (all strings, as safetensors stores them): ``format`` (``"cyclereg-model"``),
+``format_version``, ``cyclereg_version``, ``config`` (the training config as JSON), ``dim``,
+``shape`` (the image shape the model was trained on), ``intensity`` (the training intensity range
+``[low, high]`` that inputs are normalised to) and ``weights_sha256``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from . import __version__
+from .atomic import atomic_path
+from .config import Config, config_from_dict
+from .errors import CycleregError, DataError
+from .methods import RegistrationModel, build_model
+
+FORMAT = "cyclereg-model"
+FORMAT_VERSION = 1
+
+__all__ = ["ModelInfo", "save_model", "load_model", "weights_digest"]
+
+
+@dataclass
+class ModelInfo:
+    config: Config
+    shape: tuple
+    intensity: tuple = (0.0, 1.0)
+
+    @property
+    def dim(self) -> int:
+        return len(self.shape)
+
+
+def weights_digest(tensors: dict) -> str:
+    """SHA-256 over the weights' names, shapes, dtypes and bytes, in name order."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def build_from_info(info: ModelInfo) -> RegistrationModel:
+    steps = [{"network": s.network, "downsample": s.downsample, "params": s.params} for s in info.config.model.steps]
+    return build_model(steps, info.dim, info.shape)
+
+
+def save_model(path, model: RegistrationModel, info: ModelInfo) -> None:
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    meta = {
+        "format": FORMAT,
+        "format_version": str(FORMAT_VERSION),
+        "cyclereg_version": __version__,
+        "config": json.dumps(info.config.to_dict()),
+        "dim": str(info.dim),
+        "shape": json.dumps(list(info.shape)),
+        "intensity": json.dumps(list(info.intensity)),
+        "weights_sha256": weights_digest(tensors),
+    }
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
+
+
+def load_model(path, device="cpu") -> tuple[RegistrationModel, ModelInfo]:
+    """Load a model file written by :func:`save_model`, in evaluation mode on ``device``."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"model file {path} does not exist" if not path.exists() else f"model file {path} is not a file")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise DataError(f"model file {path} is not a cyclereg model (cannot read safetensors: {err})") from None
+    if meta.get("format") != FORMAT:
+        raise DataError(f"model file {path} is not a cyclereg model (no '{FORMAT}' header)")
+    version = meta.get("format_version", "?")
+    if not version.isdigit() or int(version) > FORMAT_VERSION:
+        raise DataError(f"model file {path} has format version {version}; this cyclereg {__version__} reads up to {FORMAT_VERSION}")
+    if weights_digest(tensors) != meta.get("weights_sha256"):
+        raise DataError(f"model file {path}: weights do not match their SHA-256 (file altered or damaged)")
+    try:
+        info = ModelInfo(config_from_dict(json.loads(meta["config"])), tuple(json.loads(meta["shape"])),
+                         tuple(json.loads(meta["intensity"])))
+        model = build_from_info(info)
+        model.load_state_dict(tensors)
+    except (CycleregError, KeyError, ValueError, RuntimeError, TypeError) as err:
+        raise DataError(f"model file {path} has an inconsistent header or weights: {err}") from None
+    return model.to(device).eval(), info

@@ -1,0 +1,165 @@
+"""The training loop: read top to bottom.
+
+A run writes into its output folder ``checkpoint.pt`` (model, optimiser, step, config and random
+states; written atomically every ``train.checkpoint_every`` steps and on Ctrl-C), ``log.jsonl``
+(loss terms and validation scores) and, at the end, ``model.safetensors`` (:mod:`cyclereg.modelfile`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from .atomic import atomic_path
+from .config import Config
+from .data import dataset_images, fixed_pairs, intensity_range, random_pairs
+from .errors import DataError, UsageError
+from .evaluate import score_pairs, summarise
+from .methods import LossSettings, loss_terms
+from .modelfile import ModelInfo, build_from_info, save_model
+
+__all__ = ["train", "stage_schedule", "default_device"]
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@dataclass
+class Stage:
+    end: int  # first step after this stage
+    lam: float
+    trainable: list
+
+
+def stage_schedule(cfg: Config) -> list[Stage]:
+    """Stages as step ranges; without ``train.stages``, one stage training every model step."""
+    every = list(range(len(cfg.model.steps)))
+    if not cfg.train.stages:
+        return [Stage(cfg.train.steps, cfg.model.lam, every)]
+    stages, done = [], 0.0
+    for s in cfg.train.stages:
+        done += s.fraction
+        stages.append(Stage(round(done * cfg.train.steps), s.lam if s.lam >= 0 else cfg.model.lam, s.train or every))
+    stages[-1].end = cfg.train.steps
+    return stages
+
+
+def _save_checkpoint(path: Path, model, optimizer, step: int, cfg: Config, generator: torch.Generator) -> None:
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+             "config": cfg.to_dict(), "torch_rng": torch.get_rng_state(), "data_rng": generator.get_state()}
+    if torch.cuda.is_available():
+        state["cuda_rng"] = torch.cuda.get_rng_state_all()
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def _load_checkpoint(path: Path, model, optimizer, cfg: Config, generator: torch.Generator) -> int:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable checkpoint is a data error
+        raise DataError(f"checkpoint {path} cannot be read: {err}") from None
+    saved = state.get("config", {})
+    if saved.get("model") != cfg.to_dict()["model"] or saved.get("data") != cfg.to_dict()["data"]:
+        raise UsageError(f"--resume: checkpoint {path} was trained with another model or data config")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["torch_rng"])
+    generator.set_state(state["data_rng"])
+    if "cuda_rng" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    return int(state["step"])
+
+
+def _trim_log(path: Path, step: int) -> None:
+    """Drop log lines written after the checkpoint a run resumes from."""
+    if path.exists():
+        keep = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
+        with atomic_path(path) as tmp:
+            tmp.write_text("".join(line + "\n" for line in keep))
+
+
+def train(cfg: Config, out, resume: bool = False, device=None, progress: bool = True) -> Path:
+    """Train the model described by ``cfg`` into folder ``out``; returns the model file's path."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = torch.device(device) if device else default_device()
+    ckpt_path, log_path, model_path = out / "checkpoint.pt", out / "log.jsonl", out / "model.safetensors"
+    if resume and not ckpt_path.exists():
+        raise UsageError(f"--resume: no checkpoint in {out}")
+    if not resume and ckpt_path.exists():
+        raise UsageError(f"{out} already holds a run (checkpoint.pt); use --resume or another --out")
+
+    torch.manual_seed(cfg.train.seed)
+    generator = torch.Generator().manual_seed(cfg.train.seed)
+    images = dataset_images(cfg.data, "train")
+    val_moving, val_fixed = fixed_pairs(dataset_images(cfg.data, "heldout"), cfg.data.val_pairs, cfg.data.seed)
+    shape = tuple(images.shape[2:])
+    info = ModelInfo(cfg, shape, intensity_range(cfg.data))
+    model = build_from_info(info).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
+    step = _load_checkpoint(ckpt_path, model, optimizer, cfg, generator) if resume else 0
+    _trim_log(log_path, step)
+    stages = stage_schedule(cfg)
+    total = cfg.train.steps
+
+    def log(record: dict) -> None:
+        with log_path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def validate() -> dict:
+        scores = summarise(score_pairs(model, val_moving, val_fixed), shape)
+        model.train()
+        log({"step": step, **{f"val_{k}": v for k, v in scores.items()}})
+        return scores
+
+    bar = tqdm(total=total, initial=step, desc="train", disable=not progress, dynamic_ncols=True)
+    current = None
+    model.train()
+    t_start = time.perf_counter()
+    try:
+        while step < total:
+            stage = next(s for s in stages if step < s.end)
+            if stage is not current:
+                model.freeze(stage.trainable)
+                settings = LossSettings(cfg.model.method, cfg.model.similarity, stage.lam, cfg.model.noise, cfg.model.sigma)
+                current = stage
+            idx = random_pairs(len(images), cfg.train.batch_size, generator)
+            moving, fixed = images[idx[:, 0]].to(device), images[idx[:, 1]].to(device)
+            loss, terms = loss_terms(model, moving, fixed, settings)
+            if not torch.isfinite(loss):
+                bad = [k for k, v in terms.items() if not torch.isfinite(v)] or ["total"]
+                raise DataError(f"training stopped: loss term {bad[0]!r} is not finite at step {step + 1}; "
+                                f"the last checkpoint in {out} is kept")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            bar.update(1)
+            values = {k: float(v.detach()) for k, v in terms.items()}
+            bar.set_postfix({k: f"{v:.4g}" for k, v in values.items()}, refresh=False)
+            if step % cfg.train.log_every == 0 or step == total:
+                log({"step": step, "loss": float(loss.detach()), **values, "lam": stage.lam,
+                     "seconds": time.perf_counter() - t_start})
+            if step % cfg.train.val_every == 0 and step < total:
+                scores = validate()
+                bar.write(f"step {step}: held-out dice {scores['dice']:.3f}, folds {scores['folds']:.2f}")
+            if step % cfg.train.checkpoint_every == 0 or step == total:
+                _save_checkpoint(ckpt_path, model, optimizer, step, cfg, generator)
+    except KeyboardInterrupt:
+        bar.close()
+        _save_checkpoint(ckpt_path, model, optimizer, step, cfg, generator)
+        raise
+    bar.close()
+    scores = validate()
+    if progress:
+        print(f"held-out dice {scores['dice']:.3f}, folds {scores['folds']:.2f} per pair, "
+              f"ic error {scores['ic_error']:.3f} voxels")
+    save_model(model_path, model.eval(), info)
+    return model_path
