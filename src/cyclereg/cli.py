@@ -60,6 +60,20 @@ def _parser() -> argparse.ArgumentParser:
     rg.add_argument("--jacobian", help="Jacobian determinant map")
     rg.add_argument("--io-steps", type=int, default=0, help="instance optimisation steps on this pair")
     rg.add_argument("--device", default=None)
+
+    op = sub.add_parser("optimize", help="direct optimisation of one pair's displacement fields, without a network")
+    op.add_argument("--fixed", required=True)
+    op.add_argument("--moving", required=True)
+    op.add_argument("--method", choices=["icon", "gradicon", "diffusion"], default="icon")
+    op.add_argument("--lambda", dest="lam", type=float, default=2048.0, help="regulariser weight (default: %(default)s)")
+    op.add_argument("--noise", type=float, default=0.0, help="icon: map noise ε in voxels (ICON §2.3)")
+    op.add_argument("--similarity", choices=["mse", "ncc", "lncc"], default="mse")
+    op.add_argument("--steps", type=int, default=500)
+    op.add_argument("--lr", type=float, default=1e-2)
+    op.add_argument("--warped")
+    op.add_argument("--transform")
+    op.add_argument("--jacobian")
+    op.add_argument("--device", default=None)
     return p
 
 
@@ -146,18 +160,46 @@ def _cmd_register(args) -> int:
     from .modelfile import load_model
     from .register import register_files
 
-    outputs = [args.warped, args.transform, args.warped_labels, args.jacobian]
-    if not any(outputs):
-        raise UsageError("register: name at least one output (--warped, --transform, --warped-labels, --jacobian)")
-    for out in filter(None, outputs):
-        if not Path(out).resolve().parent.is_dir():
-            raise UsageError(f"output {out}: folder {Path(out).parent} does not exist")
+    _check_outputs([args.warped, args.transform, args.warped_labels, args.jacobian])
     model, info = load_model(args.model, _device(args.device))
     summary = register_files(model, info, args.fixed, args.moving, warped=args.warped, transform=args.transform,
                              jacobian=args.jacobian, moving_labels=args.moving_labels,
                              warped_labels=args.warped_labels, io_steps=args.io_steps)
     print(json.dumps(summary))
     return 0
+
+
+def _cmd_optimize(args) -> int:
+    from .methods import LossSettings
+    from .optimize import optimize_pair
+    from .register import normalise, read_pair, write_outputs
+
+    if args.steps < 1:
+        raise UsageError(f"--steps: expected at least 1, got {args.steps}")
+    if args.lam < 0 or args.noise < 0 or args.lr <= 0:
+        raise UsageError("--lambda and --noise must be >= 0 and --lr > 0")
+    outputs = [args.warped, args.transform, args.jacobian]
+    _check_outputs(outputs)
+    pair = read_pair(args.fixed, args.moving)
+    if pair.fixed.shape != pair.moving.shape:
+        raise UsageError(f"optimize: fixed {tuple(pair.fixed.shape[2:])} and moving {tuple(pair.moving.shape[2:])} must have the same size")
+    device = _device(args.device)
+    m = normalise(pair.moving, (0.0, 1.0), "--moving").to(device)
+    f = normalise(pair.fixed, (0.0, 1.0), "--fixed").to(device)
+    settings = LossSettings(args.method, args.similarity, args.lam, args.noise)
+    phi_ab, _, history = optimize_pair(m, f, settings, steps=args.steps, lr=args.lr, progress=True)
+    summary = write_outputs(pair, phi_ab, device, warped=args.warped, transform=args.transform, jacobian=args.jacobian)
+    summary.update(loss_first=history[0], loss_last=history[-1])
+    print(json.dumps(summary))
+    return 0
+
+
+def _check_outputs(outputs) -> None:
+    if not any(outputs):
+        raise UsageError("name at least one output (--warped, --transform, --jacobian, ...)")
+    for out in filter(None, outputs):
+        if not Path(out).resolve().parent.is_dir():
+            raise UsageError(f"output {out}: folder {Path(out).parent} does not exist")
 
 
 def _cmd_demo(args) -> int:
@@ -167,7 +209,8 @@ def _cmd_demo(args) -> int:
     return 0
 
 
-COMMANDS = {"demo": _cmd_demo, "train": _cmd_train, "evaluate": _cmd_evaluate, "register": _cmd_register}
+COMMANDS = {"demo": _cmd_demo, "train": _cmd_train, "evaluate": _cmd_evaluate, "register": _cmd_register,
+            "optimize": _cmd_optimize}
 
 
 def main(argv=None) -> int:

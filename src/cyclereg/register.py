@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
@@ -82,39 +83,62 @@ def register_tensors(model, info, moving: torch.Tensor, fixed: torch.Tensor, io_
 
 def register_files(model, info, fixed, moving, warped=None, transform=None, jacobian=None,
                    moving_labels=None, warped_labels=None, io_steps: int = 0) -> dict:
-    """Register the files ``moving`` to ``fixed`` and write the requested outputs in the fixed
-    image's space. Returns a summary (``folds``, Jacobian range)."""
-    if (moving_labels is None) != (warped_labels is None):
-        raise UsageError("--moving-labels and --warped-labels go together")
+    """Register the files ``moving`` to ``fixed`` with a trained model and write the requested
+    outputs in the fixed image's space. Returns a summary (folds, Jacobian range)."""
     if io_steps < 0:
         raise UsageError(f"--io-steps: expected a number of steps >= 0, got {io_steps}")
+    pair = read_pair(fixed, moving, moving_labels, warped_labels, dim=info.dim)
+    phi = register_tensors(model, info, pair.moving, pair.fixed, io_steps)
+    device = next(model.parameters()).device
+    return write_outputs(pair, phi, device, warped=warped, transform=transform, jacobian=jacobian, warped_labels=warped_labels)
+
+
+@dataclass
+class Pair:
+    """A fixed and a moving image read from files, with their tensors (and optional moving labels)."""
+
+    fixed_image: object
+    moving_image: object
+    fixed: torch.Tensor
+    moving: torch.Tensor
+    labels_image: object = None
+
+
+def read_pair(fixed, moving, moving_labels=None, warped_labels=None, dim: int | None = None) -> Pair:
+    """Read and check a pair of image files (and the moving image's labels)."""
+    if (moving_labels is None) != (warped_labels is None):
+        raise UsageError("--moving-labels and --warped-labels go together")
     fixed_img, moving_img = read_image(fixed, "--fixed"), read_image(moving, "--moving")
     labels_img = read_image(moving_labels, "--moving-labels") if moving_labels else None
+    dim = dim or fixed_img.GetDimension()
     for role, img in (("--fixed", fixed_img), ("--moving", moving_img), ("--moving-labels", labels_img)):
-        if img is not None and img.GetDimension() != info.dim:
-            raise DataError(f"{role} is {img.GetDimension()}D but the model registers {info.dim}D images")
+        if img is not None and img.GetDimension() != dim:
+            raise DataError(f"{role} is {img.GetDimension()}D but the model registers {dim}D images")
     if labels_img is not None and labels_img.GetSize() != moving_img.GetSize():
         raise DataError(f"--moving-labels has size {labels_img.GetSize()}, the moving image {moving_img.GetSize()}")
-    f = image_to_tensor(fixed_img, f"--fixed {fixed}")
-    m = image_to_tensor(moving_img, f"--moving {moving}")
-    device = next(model.parameters()).device
-    phi = register_tensors(model, info, m, f, io_steps)
+    return Pair(fixed_img, moving_img, image_to_tensor(fixed_img, f"--fixed {fixed}"),
+                image_to_tensor(moving_img, f"--moving {moving}"), labels_img)
+
+
+def write_outputs(pair: Pair, phi: Transform, device, warped=None, transform=None, jacobian=None, warped_labels=None) -> dict:
+    """Write the outputs of a registration ``phi`` (domain coordinates) on the fixed image's grid."""
+    f, m = pair.fixed, pair.moving
     with torch.no_grad():
         points = map_on_grid(phi, f.shape[2:], f.to(device)).cpu()
-        det = jacobian_determinant(points)
-        g_fixed, g_moving = Geometry.of(fixed_img), Geometry.of(moving_img)
-        det = det * (g_moving.extent_volume() / g_fixed.extent_volume())
+        g_fixed, g_moving = Geometry.of(pair.fixed_image), Geometry.of(pair.moving_image)
+        det = jacobian_determinant(points) * (g_moving.extent_volume() / g_fixed.extent_volume())
         summary = {"folds": int((det < 0).sum()), "jacobian_min": float(det.min()), "jacobian_max": float(det.max())}
         if warped:
-            write_image(warped, sample(m, points)[0, 0], fixed_img, moving_img.GetPixelID())
+            write_image(warped, sample(m, points)[0, 0], pair.fixed_image, pair.moving_image.GetPixelID())
         if warped_labels:
-            lab = image_to_tensor(labels_img, f"--moving-labels {moving_labels}")
-            write_image(warped_labels, sample(lab, points, mode="nearest")[0, 0], fixed_img, labels_img.GetPixelID())
+            lab = image_to_tensor(pair.labels_image, "--moving-labels")
+            write_image(warped_labels, sample(lab, points, mode="nearest")[0, 0], pair.fixed_image, pair.labels_image.GetPixelID())
         if jacobian:
-            padded = F.pad(det[:, None], [0, 1] * info.dim, mode="replicate")[0, 0]
-            write_image(jacobian, padded, fixed_img, None)
+            padded = F.pad(det[:, None], [0, 1] * (f.ndim - 2), mode="replicate")[0, 0]
+            write_image(jacobian, padded, pair.fixed_image, None)
         if transform:
             grid = identity_grid(f.shape[2:])
             displacement = g_moving.to_physical(points) - g_fixed.to_physical(grid)
-            write_displacement(transform, displacement[0], fixed_img)
+            write_displacement(transform, displacement[0], pair.fixed_image)
     return summary
+
