@@ -44,3 +44,34 @@ def append_report(title: str, body: str, path: Path = ROOT / "BENCHMARKS.md") ->
         path.write_text("# Benchmarks\n\nAppended by the scripts in `benchmarks/`; never edited by hand.\n")
     with path.open("a") as f:
         f.write(section)
+
+
+def train_and_score(raw_config: dict, pairs: int = 200, split_seed: int = 1):
+    """Train a config (nested dict) in a temporary folder and score it on held-out pairs.
+
+    Returns ``(metrics, model, info, (moving, fixed))`` with ``metrics`` holding the evaluation
+    summary plus ``seconds_per_step`` (training wall time over steps, validation excluded).
+    """
+    import json
+    import tempfile
+    import time
+
+    from cyclereg.config import config_from_dict
+    from cyclereg.data import dataset_images, fixed_pairs
+    from cyclereg.evaluate import score_pairs, summarise
+    from cyclereg.modelfile import load_model
+    from cyclereg.train import train
+
+    raw = json.loads(json.dumps(raw_config))
+    raw.setdefault("train", {})["val_every"] = 10**9
+    cfg = config_from_dict(raw)
+    split = "heldout" if cfg.data.dataset == "mnist" else "test"
+    moving, fixed = fixed_pairs(dataset_images(cfg.data, split, n_test=2 * pairs), pairs, seed=split_seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        path = train(cfg, tmp, progress=False)
+        seconds = time.perf_counter() - t0
+        model, info = load_model(path)
+    metrics = summarise(score_pairs(model, moving, fixed), info.shape)
+    metrics["seconds_per_step"] = seconds / cfg.train.steps
+    return metrics, model, info, (moving, fixed)

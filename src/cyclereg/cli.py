@@ -130,7 +130,8 @@ def _evaluate_dataset(model, info, args) -> dict:
 
     from .data import dataset_images, fixed_pairs
     from .evaluate import score_pairs, summarise
-    from .register import instance_optimisation, settings_of
+    from .methods import settings_from_config
+    from .register import instance_optimisation
 
     data = info.config.data
     dataset = args.dataset or data.dataset
@@ -150,7 +151,7 @@ def _evaluate_dataset(model, info, args) -> dict:
     register = None
     if args.io_steps:
         def register(m, f):
-            with instance_optimisation(model, m, f, settings_of(info.config), args.io_steps) as tuned:
+            with instance_optimisation(model, m, f, settings_from_config(info.config.model), args.io_steps) as tuned:
                 return tuned(m, f), tuned(f, m)
     batch = 1 if args.io_steps else 64
     return summarise(score_pairs(model, moving, fixed, batch_size=batch, register=register), info.shape)

@@ -47,11 +47,15 @@ class StepConfig:
 
 @dataclass
 class ModelConfig:
-    method: str = "icon"  # icon, gradicon, diffusion
-    similarity: str = "mse"  # mse, ncc, lncc
+    method: str = "icon"  # icon, gradicon, diffusion, cyclemorph
+    similarity: str = "mse"  # mse, ncc, lncc, lncc_box
     lam: float = 256.0  # weight of the regulariser
     noise: float = 0.0  # icon: map noise ε in voxels (ICON §2.3)
     sigma: float = 2.0  # lncc: Gaussian window in voxels
+    window: int = 9  # lncc_box: box window in voxels
+    alpha: float = 0.1  # cyclemorph: weight of the cycle loss
+    beta: float = 0.5  # cyclemorph: weight of the identity loss
+    shared: bool = False  # cyclemorph: one network for both directions instead of two
     steps: list[StepConfig] = field(default_factory=lambda: [StepConfig()])
 
 
@@ -139,6 +143,9 @@ def _check(cfg: Config) -> None:
     need(m.lam >= 0, "model.lam", "a weight >= 0", m.lam)
     need(m.noise >= 0, "model.noise", "a noise level >= 0 (voxels)", m.noise)
     need(m.sigma > 0, "model.sigma", "a window width > 0 (voxels)", m.sigma)
+    need(m.window >= 1 and m.window % 2 == 1, "model.window", "an odd window size >= 1 (voxels)", m.window)
+    need(m.alpha >= 0, "model.alpha", "a weight >= 0", m.alpha)
+    need(m.beta >= 0, "model.beta", "a weight >= 0", m.beta)
     need(len(m.steps) >= 1, "model.steps", "at least one step", m.steps)
     for i, s in enumerate(m.steps):
         need(s.network in NETWORKS, f"model.steps[{i}].network", f"one of {sorted(NETWORKS)}", s.network)

@@ -2,7 +2,8 @@
 thin :class:`torch.nn.Module` around it that averages over the batch.
 
 Similarities compare a warped moving image with the fixed image ``(N, C, *spatial)`` (lower is
-better, 0 for identical images). Regularisers act on transforms or displacement fields in the
+better; minimal for identical images, and 0 for them except for the local correlations, where flat
+windows count as uncorrelated). Regularisers act on transforms or displacement fields in the
 convention of :mod:`cyclereg.coords`. To keep the weights λ of the ICON paper meaningful, squared
 coordinate errors are averaged over points *and* vector components, in domain units ``[0, 1]``, as
 the ICON authors' code does.
@@ -20,7 +21,7 @@ from .coords import identity_grid, voxel_scale
 from .transforms import Transform
 
 __all__ = [
-    "mse", "ncc", "lncc", "random_points", "inverse_consistency", "gradient_inverse_consistency", "diffusion",
+    "mse", "ncc", "lncc", "lncc_box", "random_points", "inverse_consistency", "gradient_inverse_consistency", "diffusion",
     "MSE", "NCC", "LNCC", "InverseConsistency", "GradientInverseConsistency", "Diffusion", "SIMILARITIES",
 ]
 
@@ -37,7 +38,7 @@ def ncc(warped: torch.Tensor, fixed: torch.Tensor, eps: float = 1e-5) -> torch.T
     a, b = warped.flatten(1), fixed.flatten(1)
     a = a - a.mean(1, keepdim=True)
     b = b - b.mean(1, keepdim=True)
-    corr = (a * b).mean(1) / torch.sqrt(a.pow(2).mean(1) * b.pow(2).mean(1) + eps)
+    corr = (a * b).mean(1) / torch.sqrt(a.pow(2).mean(1) * b.pow(2).mean(1)).clamp(min=eps)
     return 1 - corr
 
 
@@ -60,13 +61,35 @@ def _gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
 
 
 def lncc(warped: torch.Tensor, fixed: torch.Tensor, sigma: float = 2.0, eps: float = 1e-4) -> torch.Tensor:
-    """``1 - mean local NCC`` with a Gaussian window of ``sigma`` voxels, per item."""
+    """``1 - mean local NCC`` with a Gaussian window of ``sigma`` voxels, per item.
+
+    Windows that are flat in either image count as uncorrelated (as in the ICON authors' LNCC), so
+    identical images with flat regions score above 0; identical images still score lowest."""
     blur = lambda t: _gaussian_blur(t, sigma)  # noqa: E731
     mu_a, mu_b = blur(warped), blur(fixed)
     var_a = blur(warped * warped) - mu_a * mu_a
     var_b = blur(fixed * fixed) - mu_b * mu_b
     cov = blur(warped * fixed) - mu_a * mu_b
     local = cov / torch.sqrt(var_a.clamp(min=0) * var_b.clamp(min=0) + eps)
+    return 1 - local.flatten(1).mean(1)
+
+
+def _box_mean(x: torch.Tensor, window: int) -> torch.Tensor:
+    """Mean over a cubic window of ``window`` voxels (edges replicated), any dimension."""
+    d = x.ndim - 2
+    pad = [window // 2] * (2 * d)
+    pool = {2: F.avg_pool2d, 3: F.avg_pool3d}[d]
+    return pool(F.pad(x, pad, mode="replicate"), window, stride=1)
+
+
+def lncc_box(warped: torch.Tensor, fixed: torch.Tensor, window: int = 9, eps: float = 1e-5) -> torch.Tensor:
+    """``1 - mean local NCC`` over a box window of ``window`` voxels (CycleMorph's, VoxelMorph's), per item."""
+    mean = lambda t: _box_mean(t, window)  # noqa: E731
+    mu_a, mu_b = mean(warped), mean(fixed)
+    cov = mean(warped * fixed) - mu_a * mu_b
+    var_a = mean(warped * warped) - mu_a * mu_a
+    var_b = mean(fixed * fixed) - mu_b * mu_b
+    local = cov * cov / (var_a.clamp(min=0) * var_b.clamp(min=0) + eps)
     return 1 - local.flatten(1).mean(1)
 
 
@@ -130,7 +153,7 @@ def diffusion(field: torch.Tensor) -> torch.Tensor:
     return total
 
 
-SIMILARITIES = {"mse": mse, "ncc": ncc, "lncc": lncc}
+SIMILARITIES = {"mse": mse, "ncc": ncc, "lncc": lncc, "lncc_box": lncc_box}
 
 
 class MSE(nn.Module):

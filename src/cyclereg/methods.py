@@ -13,12 +13,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .losses import SIMILARITIES, _gaussian_blur, diffusion, gradient_inverse_consistency, inverse_consistency, random_points
+from .losses import SIMILARITIES, _gaussian_blur, diffusion, gradient_inverse_consistency, inverse_consistency, ncc, random_points
 from .coords import identity_grid
 from .networks import build_network
 from .transforms import DisplacementField, Transform, map_on_grid, warp
 
-__all__ = ["Step", "RegistrationModel", "LossSettings", "METHODS", "loss_terms", "build_model"]
+__all__ = ["Step", "RegistrationModel", "CycleMorph", "LossSettings", "METHODS", "loss_terms", "build_model",
+           "settings_from_config"]
 
 
 def downsample(images: torch.Tensor, factor: int) -> torch.Tensor:
@@ -80,58 +81,137 @@ class RegistrationModel(nn.Module):
 class LossSettings:
     method: str = "icon"
     similarity: str = "mse"
-    lam: float = 1.0
-    noise: float = 0.0
-    sigma: float = 2.0
+    lam: float = 1.0  # weight of the method's regulariser (λ; λ_R for CycleMorph)
+    noise: float = 0.0  # icon: map noise in voxels
+    sigma: float = 2.0  # lncc: Gaussian window in voxels
+    window: int = 9  # lncc_box: box window in voxels
+    alpha: float = 0.1  # cyclemorph: cycle loss weight
+    beta: float = 0.5  # cyclemorph: identity loss weight
+
+    def similarity_fn(self):
+        fn = SIMILARITIES[self.similarity]
+        if self.similarity == "lncc":
+            return lambda a, b: fn(a, b, sigma=self.sigma)
+        if self.similarity == "lncc_box":
+            return lambda a, b: fn(a, b, window=self.window)
+        return fn
 
 
-def _icon(phi, swapped, shape, like, settings):
-    points = random_points(like.shape[0], shape, like.device, like.dtype)
+def _displacement_on_grid(phi: Transform, like: torch.Tensor) -> torch.Tensor:
+    shape = like.shape[2:]
+    return map_on_grid(phi, shape, like) - identity_grid(shape, like.device, like.dtype)
+
+
+def _icon(phi, swapped, like, settings):
+    points = random_points(like.shape[0], like.shape[2:], like.device, like.dtype)
     return inverse_consistency(swapped, phi, points, settings.noise)
 
 
-def _gradicon(phi, swapped, shape, like, settings):
-    points = random_points(like.shape[0], shape, like.device, like.dtype)
+def _gradicon(phi, swapped, like, settings):
+    points = random_points(like.shape[0], like.shape[2:], like.device, like.dtype)
     return gradient_inverse_consistency(swapped, phi, points)
 
 
-def _diffusion(phi, swapped, shape, like, settings):
-    return diffusion(map_on_grid(phi, shape, like) - identity_grid(shape, like.device, like.dtype))
-
-# name -> (symmetric: both directions in one batch, regulariser name, regulariser)
-METHODS = {
-    "icon": (True, "icon", _icon),
-    "gradicon": (True, "gradicon", _gradicon),
-    "diffusion": (False, "diffusion", _diffusion),
-}
+def _diffusion(phi, swapped, like, settings):
+    return diffusion(_displacement_on_grid(phi, like))
 
 
-def loss_terms(model: RegistrationModel, moving: torch.Tensor, fixed: torch.Tensor, settings: LossSettings):
-    """The training loss of ``settings.method`` on a batch of pairs.
+def _pairwise(name: str, regulariser, symmetric: bool):
+    """The loss ``sim + λ · regulariser`` of ICON, GradICON or the diffusion baseline.
 
     Symmetric methods run A→B and B→A as one batch of ``2N`` through the network; their terms are
-    sums over both directions, averaged over the ``N`` pairs. Returns ``(total, {term: value})``.
+    sums over both directions, averaged over the ``N`` pairs.
     """
-    symmetric, reg_name, regulariser = METHODS[settings.method]
-    a, b = (torch.cat([moving, fixed]), torch.cat([fixed, moving])) if symmetric else (moving, fixed)
-    phi = model(a, b)
-    similarity = SIMILARITIES[settings.similarity]
-    kwargs = {"sigma": settings.sigma} if settings.similarity == "lncc" else {}
-    sim = similarity(warp(a, phi), b, **kwargs)
-    n = moving.shape[0]
-    swapped = phi.take(torch.arange(2 * n, device=a.device).roll(n)) if symmetric else None
-    reg = regulariser(phi, swapped, b.shape[2:], b, settings)
-    weight = 2.0 if symmetric else 1.0
-    terms = {"sim": weight * sim.mean(), reg_name: weight * reg.mean()}
-    total = terms["sim"] + settings.lam * terms[reg_name]
+
+    def loss(model, moving, fixed, settings):
+        a, b = (torch.cat([moving, fixed]), torch.cat([fixed, moving])) if symmetric else (moving, fixed)
+        phi = model(a, b)
+        sim = settings.similarity_fn()(warp(a, phi), b)
+        n = moving.shape[0]
+        swapped = phi.take(torch.arange(2 * n, device=a.device).roll(n)) if symmetric else None
+        reg = regulariser(phi, swapped, b, settings)
+        weight = 2.0 if symmetric else 1.0
+        terms = {"sim": weight * sim.mean(), name: weight * reg.mean()}
+        return terms["sim"] + settings.lam * terms[name], terms
+
+    return loss
+
+
+class CycleMorph(nn.Module):
+    """CycleMorph's pair of registration models: ``g_ab`` and ``g_ba``, or one shared model.
+    Called as ``model(moving, fixed)`` it registers with ``g_ab``."""
+
+    def __init__(self, g_ab: RegistrationModel, g_ba: RegistrationModel | None = None):
+        super().__init__()
+        self.g_ab = g_ab
+        if g_ba is not None:
+            self.g_ba = g_ba
+
+    @property
+    def reverse(self) -> RegistrationModel:
+        """The B→A model (``g_ab`` itself when shared)."""
+        return getattr(self, "g_ba", self.g_ab)
+
+    def forward(self, moving, fixed) -> Transform:
+        return self.g_ab(moving, fixed)
+
+    def freeze(self, trainable) -> None:
+        self.g_ab.freeze(trainable)
+        self.reverse.freeze(trainable)
+
+
+def _cyclemorph(model, moving, fixed, settings):
+    """CycleMorph (Kim et al.): per direction, similarity + λ_R ‖∇D‖²; the cycle loss
+    ``α ‖(A∘Φ_AB)∘G_BA(A∘Φ_AB, B∘Φ_BA) − A‖₁``; the identity loss ``β (1 − NCC(B∘G_AB(B, B), B))``.
+    Every term sums both directions."""
+    g_ab, g_ba = model.g_ab, model.reverse
+    sim_fn = settings.similarity_fn()
+    phi_ab, phi_ba = g_ab(moving, fixed), g_ba(fixed, moving)
+    warped_a, warped_b = warp(moving, phi_ab), warp(fixed, phi_ba)
+    sim = sim_fn(warped_a, fixed) + sim_fn(warped_b, moving)
+    smooth = diffusion(_displacement_on_grid(phi_ab, moving)) + diffusion(_displacement_on_grid(phi_ba, moving))
+    back_a = warp(warped_a, g_ba(warped_a, warped_b))
+    back_b = warp(warped_b, g_ab(warped_b, warped_a))
+    cycle = (back_a - moving).abs().flatten(1).mean(1) + (back_b - fixed).abs().flatten(1).mean(1)
+    identity = ncc(warp(fixed, g_ab(fixed, fixed)), fixed) + ncc(warp(moving, g_ba(moving, moving)), moving)
+    terms = {"sim": sim.mean(), "smooth": smooth.mean(), "cycle": cycle.mean(), "identity": identity.mean()}
+    total = terms["sim"] + settings.lam * terms["smooth"] + settings.alpha * terms["cycle"] + settings.beta * terms["identity"]
     return total, terms
 
 
-def build_model(steps_config, dim: int, shape) -> RegistrationModel:
-    """Build a model from step descriptions: ``[{"network": "unet", "downsample": 1, "params": {}}]``."""
-    steps = []
-    for spec in steps_config:
-        factor = int(spec.get("downsample", 1))
-        step_shape = tuple((n - 1) // factor + 1 for n in shape) if shape is not None else None
-        steps.append(Step(build_network(spec["network"], dim, step_shape, **dict(spec.get("params", {}))), factor))
-    return RegistrationModel(steps)
+# name -> loss(model, moving, fixed, settings) -> (total, {term: value})
+METHODS = {
+    "icon": _pairwise("icon", _icon, symmetric=True),
+    "gradicon": _pairwise("gradicon", _gradicon, symmetric=True),
+    "diffusion": _pairwise("diffusion", _diffusion, symmetric=False),
+    "cyclemorph": _cyclemorph,
+}
+
+
+def settings_from_config(model_cfg, lam: float | None = None) -> LossSettings:
+    """The loss settings of a :class:`~cyclereg.config.ModelConfig` (``lam`` overrides λ)."""
+    m = model_cfg
+    return LossSettings(m.method, m.similarity, m.lam if lam is None else lam, m.noise, m.sigma, m.window, m.alpha, m.beta)
+
+
+def loss_terms(model, moving: torch.Tensor, fixed: torch.Tensor, settings: LossSettings):
+    """The training loss of ``settings.method`` on a batch of pairs ``(N, C, *spatial)``.
+    Returns ``(total, {term: value})``; terms are means over the ``N`` pairs."""
+    return METHODS[settings.method](model, moving, fixed, settings)
+
+
+def build_model(steps_config, dim: int, shape, method: str = "icon", shared: bool = False):
+    """Build a model from step descriptions ``[{"network": "unet", "downsample": 1, "params": {}}]``;
+    for ``method="cyclemorph"`` two such models (one if ``shared``)."""
+
+    def one():
+        steps = []
+        for spec in steps_config:
+            factor = int(spec.get("downsample", 1))
+            step_shape = tuple((n - 1) // factor + 1 for n in shape) if shape is not None else None
+            steps.append(Step(build_network(spec["network"], dim, step_shape, **dict(spec.get("params", {}))), factor))
+        return RegistrationModel(steps)
+
+    if method == "cyclemorph":
+        return CycleMorph(one(), None if shared else one())
+    return one()

@@ -51,8 +51,9 @@ def weights_digest(tensors: dict) -> str:
 
 
 def build_from_info(info: ModelInfo) -> RegistrationModel:
-    steps = [{"network": s.network, "downsample": s.downsample, "params": s.params} for s in info.config.model.steps]
-    return build_model(steps, info.dim, info.shape)
+    m = info.config.model
+    steps = [{"network": s.network, "downsample": s.downsample, "params": s.params} for s in m.steps]
+    return build_model(steps, info.dim, info.shape, method=m.method, shared=m.shared)
 
 
 def save_model(path, model: RegistrationModel, info: ModelInfo) -> None:

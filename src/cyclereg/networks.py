@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["UNet", "MLP", "EncDec", "ConvOnly", "NETWORKS", "build_network"]
+__all__ = ["UNet", "MLP", "EncDec", "ConvOnly", "VoxelMorphUNet", "NETWORKS", "build_network"]
 
 _CONV = {2: nn.Conv2d, 3: nn.Conv3d}
 _NORM = {2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
@@ -136,7 +136,46 @@ class ConvOnly(nn.Module):
         return self.out(torch.cat(features, 1))
 
 
-NETWORKS = {"unet": UNet, "mlp": MLP, "encdec": EncDec, "convonly": ConvOnly}
+class VoxelMorphUNet(nn.Module):
+    """The small VoxelMorph-style U-Net of CycleMorph: encoder widths ``encoder`` (the first at full
+    resolution, each later one halving it), decoder widths ``decoder`` (upsampling and joining the
+    skip of each level until full resolution, then the remaining ones at full resolution)."""
+
+    def __init__(self, dim: int, shape=None, encoder=(16, 32, 32, 32, 32), decoder=(32, 32, 32, 8, 8)):
+        super().__init__()
+        encoder, decoder = list(encoder), list(decoder)
+        conv = _CONV[dim]
+        act = lambda: nn.LeakyReLU(0.2, inplace=True)  # noqa: E731
+        widths = [2] + encoder
+        self.down = nn.ModuleList(nn.Sequential(conv(a, b, 3, stride=1 if i == 0 else 2, padding=1), act())
+                                  for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])))
+        levels = len(encoder) - 1  # number of upsamplings back to full resolution
+        if len(decoder) < levels:
+            raise ValueError(f"VoxelMorphUNet: need at least {levels} decoder widths, got {decoder}")
+        self.up = nn.ModuleList()
+        cin = encoder[-1]
+        for i, cout in enumerate(decoder):
+            skip = encoder[levels - 1 - i] if i < levels else 0
+            self.up.append(nn.Sequential(conv(cin + skip, cout, 3, padding=1), act()))
+            cin = cout
+        self.levels = levels
+        self.out = _zero_output(conv(cin, dim, 3, padding=1))
+
+    def forward(self, x):
+        skips = []
+        for block in self.down:
+            x = block(x)
+            skips.append(x)
+        y = skips.pop()
+        for i, block in enumerate(self.up):
+            if i < self.levels:
+                skip = skips.pop()
+                y = torch.cat([_resize(y, skip.shape[2:]), skip], 1)
+            y = block(y)
+        return self.out(y)
+
+
+NETWORKS = {"unet": UNet, "mlp": MLP, "encdec": EncDec, "convonly": ConvOnly, "voxelmorph": VoxelMorphUNet}
 
 
 def build_network(name: str, dim: int, shape=None, **params) -> nn.Module:

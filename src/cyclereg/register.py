@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from .coords import identity_grid
 from .errors import DataError, UsageError
 from .image_io import Geometry, image_to_tensor, read_image, write_displacement, write_image
-from .methods import LossSettings, loss_terms
+from .methods import LossSettings, loss_terms, settings_from_config
 from .metrics import jacobian_determinant
 from .transforms import Transform, map_on_grid, sample
 
@@ -38,11 +38,6 @@ def resize(image: torch.Tensor, shape) -> torch.Tensor:
         return image
     mode = "bilinear" if image.ndim == 4 else "trilinear"
     return F.interpolate(image, size=tuple(shape), mode=mode, align_corners=True)
-
-
-def settings_of(config) -> LossSettings:
-    m = config.model
-    return LossSettings(m.method, m.similarity, m.lam, m.noise, m.sigma)
 
 
 @contextlib.contextmanager
@@ -77,7 +72,7 @@ def register_tensors(model, info, moving: torch.Tensor, fixed: torch.Tensor, io_
     device = next(model.parameters()).device
     m = resize(normalise(moving, info.intensity, "--moving"), info.shape).to(device)
     f = resize(normalise(fixed, info.intensity, "--fixed"), info.shape).to(device)
-    with instance_optimisation(model, m, f, settings_of(info.config), io_steps) as tuned, torch.no_grad():
+    with instance_optimisation(model, m, f, settings_from_config(info.config.model), io_steps) as tuned, torch.no_grad():
         return tuned(m, f)
 
 
@@ -126,8 +121,11 @@ def write_outputs(pair: Pair, phi: Transform, device, warped=None, transform=Non
     with torch.no_grad():
         points = map_on_grid(phi, f.shape[2:], f.to(device)).cpu()
         g_fixed, g_moving = Geometry.of(pair.fixed_image), Geometry.of(pair.moving_image)
-        det = jacobian_determinant(points) * (g_moving.extent_volume() / g_fixed.extent_volume())
-        summary = {"folds": int((det < 0).sum()), "jacobian_min": float(det.min()), "jacobian_max": float(det.max())}
+        # Volume change in physical space; a reflection between the two images' index orders (opposite
+        # direction handedness) is a property of the grids, not a fold, so folds use the domain map.
+        det_domain = jacobian_determinant(points)
+        det = det_domain * abs(g_moving.extent_volume() / g_fixed.extent_volume())
+        summary = {"folds": int((det_domain < 0).sum()), "jacobian_min": float(det.min()), "jacobian_max": float(det.max())}
         if warped:
             write_image(warped, sample(m, points)[0, 0], pair.fixed_image, pair.moving_image.GetPixelID())
         if warped_labels:

@@ -21,7 +21,7 @@ from .config import Config
 from .data import dataset_images, fixed_pairs, intensity_range, random_pairs
 from .errors import DataError, UsageError
 from .evaluate import score_pairs, summarise
-from .methods import LossSettings, loss_terms
+from .methods import loss_terms, settings_from_config
 from .modelfile import ModelInfo, build_from_info, save_model
 
 __all__ = ["train", "stage_schedule", "default_device"]
@@ -128,7 +128,7 @@ def train(cfg: Config, out, resume: bool = False, device=None, progress: bool = 
             stage = next(s for s in stages if step < s.end)
             if stage is not current:
                 model.freeze(stage.trainable)
-                settings = LossSettings(cfg.model.method, cfg.model.similarity, stage.lam, cfg.model.noise, cfg.model.sigma)
+                settings = settings_from_config(cfg.model, stage.lam)
                 current = stage
             idx = random_pairs(len(images), cfg.train.batch_size, generator)
             moving, fixed = images[idx[:, 0]].to(device), images[idx[:, 1]].to(device)

@@ -1,0 +1,422 @@
+"""The command line (cyclereg.cli), run in-process through ``main`` and once as a subprocess."""
+
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from cyclereg.cli import main
+from cyclereg.config import config_from_dict
+from cyclereg.modelfile import ModelInfo, build_from_info, load_model, save_model
+
+from conftest import tiny_config_dict
+from test_data import write_mnist
+
+TOML = """
+[data]
+dataset = "triangles"
+size = 16
+n_train = 40
+val_pairs = 4
+
+[model]
+method = "icon"
+lam = 64.0
+
+[[model.steps]]
+network = "unet"
+params = {{ channels = [4, 8] }}
+
+[train]
+steps = {steps}
+batch_size = 4
+lr = 2e-3
+log_every = 1
+val_every = 1000
+checkpoint_every = 2
+"""
+
+
+def write_config(path, steps=6, extra=""):
+    path.write_text(TOML.format(steps=steps) + extra)
+    return path
+
+
+def run_cli(capsys, *argv):
+    """``main(argv)``; returns (exit code, stdout, stderr)."""
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(err, *needles):
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("cyclereg: error: "), err
+    for needle in needles:
+        assert str(needle) in lines[0], (needle, err)
+    assert "Traceback" not in err
+
+
+def read_log(path):
+    return [json.loads(line) for line in path.read_text().splitlines() if line]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny model trained through the CLI (6 steps on 16×16 triangles)."""
+    root = tmp_path_factory.mktemp("trained")
+    config = write_config(root / "tiny.toml", steps=6)
+    out = root / "run"
+    code = main(["train", str(config), "--out", str(out), "--quiet", "--device", "cpu"])
+    assert code == 0
+    return out
+
+
+# --- help --------------------------------------------------------------------------------------
+
+def test_module_help_in_a_subprocess():
+    result = subprocess.run([sys.executable, "-m", "cyclereg", "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage: cyclereg")
+    for command in ("train", "evaluate", "register", "demo"):
+        assert command in result.stdout
+
+
+def test_version_and_missing_command(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    assert "cyclereg 0." in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_:
+        main([])
+    assert exit_.value.code == 2
+
+
+# --- train ---------------------------------------------------------------------------------------
+
+def test_train_writes_model_checkpoint_and_log(trained):
+    assert (trained / "model.safetensors").is_file()
+    assert (trained / "checkpoint.pt").is_file()
+    records = read_log(trained / "log.jsonl")
+    train_steps = [r["step"] for r in records if "loss" in r]
+    assert train_steps == [1, 2, 3, 4, 5, 6]
+    assert all(math.isfinite(r["loss"]) and "sim" in r and "icon" in r for r in records if "loss" in r)
+    assert records[-1]["step"] == 6 and "val_dice" in records[-1]
+    state = torch.load(trained / "checkpoint.pt", weights_only=True)
+    assert state["step"] == 6
+    model, info = load_model(trained / "model.safetensors")
+    assert info.shape == (16, 16) and info.intensity == (-1.0, 1.0)
+    assert not list(trained.glob(".*"))  # no temporary files left
+
+
+def test_train_resume_continues_to_more_steps(tmp_path, capsys):
+    config = write_config(tmp_path / "c.toml", steps=6)
+    out = tmp_path / "run"
+    code, stdout, _ = run_cli(capsys, "train", config, "--out", out, "--steps", 3, "--quiet", "--device", "cpu")
+    assert code == 0 and "model written to" in stdout
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 3
+    # Lines logged after the checkpoint (a run killed before its next checkpoint) are dropped.
+    with (out / "log.jsonl").open("a") as f:
+        f.write(json.dumps({"step": 4, "loss": -1.0}) + "\n" + json.dumps({"step": 5, "val_dice": -1.0}) + "\n")
+    code, _, _ = run_cli(capsys, "train", config, "--out", out, "--steps", 5, "--resume", "--quiet", "--device", "cpu")
+    assert code == 0
+    records = read_log(out / "log.jsonl")
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4, 5]
+    assert records[-1]["step"] == 5 and "val_dice" in records[-1]
+    assert all(r.get("loss", 0) >= 0 and r.get("val_dice", 0) >= 0 for r in records)
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 5
+
+    # Resuming is exact: the same weights as one uninterrupted run of 5 steps.
+    straight = tmp_path / "straight"
+    assert run_cli(capsys, "train", config, "--out", straight, "--steps", 5, "--quiet", "--device", "cpu")[0] == 0
+    resumed_model, _ = load_model(out / "model.safetensors")
+    straight_model, _ = load_model(straight / "model.safetensors")
+    for (name, a), b in zip(resumed_model.state_dict().items(), straight_model.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=name)
+
+
+def test_train_refuses_to_overwrite_a_run_and_to_resume_nothing(trained, tmp_path, capsys):
+    config = write_config(tmp_path / "c.toml")
+    before = (trained / "log.jsonl").read_text()
+    code, _, err = run_cli(capsys, "train", config, "--out", trained, "--quiet")
+    assert code == 2
+    assert_one_line_error(err, "already holds a run", trained)
+    assert (trained / "log.jsonl").read_text() == before
+    code, _, err = run_cli(capsys, "train", config, "--out", tmp_path / "empty", "--resume", "--quiet")
+    assert code == 2
+    assert_one_line_error(err, "--resume", "no checkpoint")
+
+
+def test_resume_with_another_model_config_is_refused(trained, tmp_path, capsys):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(trained, copy)
+    config = write_config(tmp_path / "c.toml", steps=8)
+    code, _, err = run_cli(capsys, "train", config, "--out", copy, "--resume", "--set", "model.lam=2", "--quiet")
+    assert code == 2
+    assert_one_line_error(err, "another model or data config")
+
+
+# --- evaluate ----------------------------------------------------------------------------------------
+
+def test_evaluate_writes_the_summary(trained, tmp_path, capsys):
+    out = tmp_path / "scores.json"
+    code, stdout, _ = run_cli(capsys, "evaluate", "--model", trained / "model.safetensors", "--dataset", "triangles",
+                              "--pairs", 4, "--json", out, "--device", "cpu")
+    assert code == 0
+    summary = json.loads(out.read_text())
+    assert set(summary) == {"n_pairs", "dice", "folds", "folds_percent", "ic_error", "seconds_per_pair"}
+    assert summary["n_pairs"] == 4
+    assert 0 <= summary["dice"] <= 1 and summary["folds"] >= 0 and summary["ic_error"] >= 0
+    assert math.isclose(summary["folds_percent"], 100 * summary["folds"] / 15**2)
+    assert json.loads(stdout) == summary
+
+
+def test_evaluate_mnist_checks_the_model_shape(trained, tmp_path, capsys):
+    write_mnist(tmp_path, n=40, split="test")
+    out = tmp_path / "scores.json"
+    code, _, err = run_cli(capsys, "evaluate", "--model", trained / "model.safetensors", "--dataset", "mnist",
+                           "--root", tmp_path, "--split", "test", "--digit", 3, "--pairs", 2, "--json", out)
+    assert code == 2
+    assert_one_line_error(err, "(16, 16)", "(28, 28)")
+    assert not out.exists()
+
+
+# --- register ------------------------------------------------------------------------------------------
+
+def _blob_image(size, spacing, origin, centre, pixel=sitk.sitkFloat32, direction=None):
+    """A smooth blob (ITK size x, y) with the given geometry; ``centre`` in domain units (x, y)."""
+    x = np.linspace(0, 1, size[0])[None, :]
+    y = np.linspace(0, 1, size[1])[:, None]
+    array = np.exp(-((x - centre[0]) ** 2 + (y - centre[1]) ** 2) / 0.05) + 0.3 * x
+    image = sitk.GetImageFromArray(array.astype(np.float32))
+    image.SetSpacing(spacing)
+    image.SetOrigin(origin)
+    if direction is not None:
+        image.SetDirection(direction)
+    return sitk.Cast(image, pixel)
+
+
+@pytest.fixture
+def pair_files(tmp_path):
+    c, s = math.cos(0.35), math.sin(0.35)  # the fixed image is rotated in physical space
+    fixed = _blob_image((23, 19), (0.8, 1.3), (5.0, -3.0), (0.5, 0.45), direction=(c, -s, s, c))
+    moving = _blob_image((20, 22), (1.1, 0.7), (-2.0, 4.0), (0.55, 0.5))
+    labels_array = np.zeros((22, 20), np.uint8)
+    labels_array[4:12, 3:9] = 3
+    labels_array[10:20, 10:18] = 7
+    labels = sitk.GetImageFromArray(labels_array)
+    labels.CopyInformation(moving)
+    paths = {"fixed": tmp_path / "fixed.mha", "moving": tmp_path / "moving.nii.gz", "labels": tmp_path / "labels.nii.gz"}
+    sitk.WriteImage(fixed, str(paths["fixed"]))
+    sitk.WriteImage(moving, str(paths["moving"]))
+    sitk.WriteImage(labels, str(paths["labels"]))
+    return paths
+
+
+def _same_geometry(image, reference):
+    assert image.GetSize() == reference.GetSize()
+    np.testing.assert_allclose(image.GetSpacing(), reference.GetSpacing(), rtol=1e-6)
+    np.testing.assert_allclose(image.GetOrigin(), reference.GetOrigin(), atol=1e-5)
+    np.testing.assert_allclose(image.GetDirection(), reference.GetDirection(), atol=1e-6)
+
+
+def test_register_writes_every_output_on_the_fixed_grid(trained, pair_files, tmp_path, capsys):
+    out = {name: tmp_path / name for name in ("warped.mha", "jac.nii.gz", "t.h5", "t.nii.gz", "wl.nii.gz")}
+    code, stdout, err = run_cli(capsys, "register", "--model", trained / "model.safetensors",
+                                "--fixed", pair_files["fixed"], "--moving", pair_files["moving"],
+                                "--warped", out["warped.mha"], "--jacobian", out["jac.nii.gz"],
+                                "--transform", out["t.h5"], "--moving-labels", pair_files["labels"],
+                                "--warped-labels", out["wl.nii.gz"], "--device", "cpu")
+    assert code == 0, err
+    summary = json.loads(stdout)
+    assert {"folds", "jacobian_min", "jacobian_max"} <= set(summary)
+    fixed = sitk.ReadImage(str(pair_files["fixed"]))
+    moving = sitk.ReadImage(str(pair_files["moving"]))
+
+    warped = sitk.ReadImage(str(out["warped.mha"]))
+    _same_geometry(warped, fixed)
+    assert warped.GetPixelID() == moving.GetPixelID()
+
+    jac = sitk.ReadImage(str(out["jac.nii.gz"]))
+    _same_geometry(jac, fixed)
+    assert np.isfinite(sitk.GetArrayFromImage(jac)).all()
+
+    labels = sitk.ReadImage(str(pair_files["labels"]))
+    warped_labels = sitk.ReadImage(str(out["wl.nii.gz"]))
+    _same_geometry(warped_labels, fixed)
+    assert warped_labels.GetPixelID() == labels.GetPixelID() == sitk.sitkUInt8
+    values = set(np.unique(sitk.GetArrayFromImage(warped_labels)).tolist())
+    assert values <= {0, 3, 7} and {3, 7} <= values
+
+    # The .h5 transform resamples the moving image like --warped (ITK: fixed point + u = moving point).
+    transform = sitk.ReadTransform(str(out["t.h5"]))
+    resampled = sitk.GetArrayFromImage(sitk.Resample(moving, fixed, transform, sitk.sitkLinear, -100.0))
+    ours = sitk.GetArrayFromImage(warped)
+    np.testing.assert_allclose(resampled[1:-1, 1:-1], ours[1:-1, 1:-1], atol=1e-4)
+
+    # The same displacement as a vector image.
+    code, _, err = run_cli(capsys, "register", "--model", trained / "model.safetensors", "--fixed", pair_files["fixed"],
+                           "--moving", pair_files["moving"], "--transform", out["t.nii.gz"], "--device", "cpu")
+    assert code == 0, err
+    field = sitk.ReadImage(str(out["t.nii.gz"]))
+    _same_geometry(field, fixed)
+    assert field.GetNumberOfComponentsPerPixel() == 2
+    as_transform = sitk.DisplacementFieldTransform(sitk.Cast(field, sitk.sitkVectorFloat64))
+    resampled2 = sitk.GetArrayFromImage(sitk.Resample(moving, fixed, as_transform, sitk.sitkLinear, -100.0))
+    np.testing.assert_allclose(resampled2[1:-1, 1:-1], ours[1:-1, 1:-1], atol=1e-4)
+
+
+def test_register_with_an_identity_model_maps_domain_to_domain(pair_files, tmp_path, capsys):
+    """An untrained model is the identity of the [0, 1] domain: the fixed image's first and last
+    voxels map to the moving image's, in physical space (ITK's x, y order)."""
+    info = ModelInfo(config_from_dict(tiny_config_dict()), (16, 16), (-1.0, 1.0))
+    model_path = tmp_path / "identity.safetensors"
+    save_model(model_path, build_from_info(info).eval(), info)
+    out_t, out_j = tmp_path / "t.nii.gz", tmp_path / "jac.mha"
+    code, _, err = run_cli(capsys, "register", "--model", model_path, "--fixed", pair_files["fixed"],
+                           "--moving", pair_files["moving"], "--transform", out_t, "--jacobian", out_j, "--device", "cpu")
+    assert code == 0, err
+    fixed = sitk.ReadImage(str(pair_files["fixed"]))
+    moving = sitk.ReadImage(str(pair_files["moving"]))
+    field = sitk.GetArrayFromImage(sitk.ReadImage(str(out_t)))  # (y, x, component x/y)
+    for fx, fy in [(0, 0), (22, 0), (0, 18), (22, 18), (11, 7)]:
+        ux, uy = fx / 22, fy / 18
+        moving_point = moving.TransformContinuousIndexToPhysicalPoint((ux * 19, uy * 21))
+        fixed_point = fixed.TransformIndexToPhysicalPoint((fx, fy))
+        np.testing.assert_allclose(field[fy, fx], np.subtract(moving_point, fixed_point), atol=1e-4)
+    # Jacobian determinant in physical units: the ratio of the images' physical extents.
+    ratio = (1.1 * 19 * 0.7 * 21) / (0.8 * 22 * 1.3 * 18)
+    np.testing.assert_allclose(sitk.GetArrayFromImage(sitk.ReadImage(str(out_j))), ratio, rtol=1e-5)
+
+
+# --- demo ------------------------------------------------------------------------------------------------
+
+def test_demo_writes_metrics_and_figure(tmp_path, capsys):
+    out = tmp_path / "demo"
+    code, stdout, _ = run_cli(capsys, "demo", "--steps", 3, "--out", out)
+    assert code == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["n_pairs"] == 100 and 0 <= metrics["dice"] <= 1 and metrics["train_seconds"] > 0
+    png = (out / "demo.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
+    assert (out / "run" / "model.safetensors").is_file()
+
+
+# --- bad input ---------------------------------------------------------------------------------------
+
+def test_missing_model_file(tmp_path, capsys):
+    missing = tmp_path / "nope.safetensors"
+    out = tmp_path / "s.json"
+    code, _, err = run_cli(capsys, "evaluate", "--model", missing, "--pairs", 2, "--json", out)
+    assert code == 1
+    assert_one_line_error(err, missing, "does not exist")
+    assert not out.exists()
+
+
+def test_corrupt_model_file(tmp_path, pair_files, capsys):
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all" + bytes(64))
+    warped = tmp_path / "w.mha"
+    code, _, err = run_cli(capsys, "register", "--model", corrupt, "--fixed", pair_files["fixed"],
+                           "--moving", pair_files["moving"], "--warped", warped)
+    assert code == 1
+    assert_one_line_error(err, corrupt, "not a cyclereg model")
+    assert not warped.exists()
+
+
+def test_unknown_config_key(tmp_path, capsys):
+    config = write_config(tmp_path / "c.toml", extra="")
+    config.write_text(config.read_text().replace("lam = 64.0", "lamda = 64.0"))
+    out = tmp_path / "run"
+    code, _, err = run_cli(capsys, "train", config, "--out", out, "--quiet")
+    assert code == 2
+    assert_one_line_error(err, "'model.lamda'")
+    assert not out.exists()
+    code, _, err = run_cli(capsys, "train", write_config(tmp_path / "ok.toml"), "--out", out, "--set", "train.stepz=3")
+    assert code == 2
+    assert_one_line_error(err, "'train.stepz'")
+    assert not out.exists()
+
+
+def test_wrong_digit(trained, tmp_path, capsys):
+    root = tmp_path / "mnist"
+    root.mkdir()
+    write_mnist(root, n=30)
+    out = tmp_path / "s.json"
+    code, _, err = run_cli(capsys, "evaluate", "--model", trained / "model.safetensors", "--dataset", "mnist",
+                           "--root", root, "--digit", 12, "--pairs", 2, "--json", out)
+    assert code == 2
+    assert_one_line_error(err, "--digit", "12")
+    assert not out.exists()
+
+
+def test_missing_fixed_file(trained, pair_files, tmp_path, capsys):
+    missing = tmp_path / "nofixed.mha"
+    warped = tmp_path / "w.mha"
+    code, _, err = run_cli(capsys, "register", "--model", trained / "model.safetensors", "--fixed", missing,
+                           "--moving", pair_files["moving"], "--warped", warped)
+    assert code == 1
+    assert_one_line_error(err, "--fixed", missing)
+    assert not warped.exists()
+    assert not list(tmp_path.glob(".w*"))
+
+
+def test_register_needs_an_output_and_an_existing_output_folder(trained, pair_files, tmp_path, capsys):
+    code, _, err = run_cli(capsys, "register", "--model", trained / "model.safetensors", "--fixed", pair_files["fixed"],
+                           "--moving", pair_files["moving"])
+    assert code == 2
+    assert_one_line_error(err, "--warped")
+    code, _, err = run_cli(capsys, "register", "--model", trained / "model.safetensors", "--fixed", pair_files["fixed"],
+                           "--moving", pair_files["moving"], "--warped", tmp_path / "no" / "w.mha")
+    assert code == 2
+    assert_one_line_error(err, "does not exist")
+
+
+def test_register_rejects_labels_of_another_size(trained, pair_files, tmp_path, capsys):
+    small = sitk.Image([5, 5], sitk.sitkUInt8)
+    sitk.WriteImage(small, str(tmp_path / "small.nii.gz"))
+    out = tmp_path / "wl.nii.gz"
+    code, _, err = run_cli(capsys, "register", "--model", trained / "model.safetensors", "--fixed", pair_files["fixed"],
+                           "--moving", pair_files["moving"], "--moving-labels", tmp_path / "small.nii.gz",
+                           "--warped-labels", out)
+    assert code == 1
+    assert_one_line_error(err, "--moving-labels")
+    assert not out.exists()
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    from cyclereg.errors import DataError
+
+    with pytest.raises(DataError):
+        main(["--debug", "evaluate", "--model", str(tmp_path / "nope.safetensors")])
+
+
+def test_register_rejects_unreadable_and_wrong_dimension_images(trained, pair_files, tmp_path, capsys):
+    text = tmp_path / "notes.mha"
+    text.write_text("not an image\n")
+    warped = tmp_path / "w.mha"
+    code, _, err = run_cli(capsys, "register", "--model", trained / "model.safetensors", "--fixed", pair_files["fixed"],
+                           "--moving", text, "--warped", warped)
+    assert code == 1
+    assert_one_line_error(err, "--moving", text, "cannot be read")
+    volume = tmp_path / "volume.mha"
+    sitk.WriteImage(sitk.Image([6, 6, 6], sitk.sitkFloat32) + 1.0, str(volume))
+    code, _, err = run_cli(capsys, "register", "--model", trained / "model.safetensors", "--fixed", volume,
+                           "--moving", pair_files["moving"], "--warped", warped)
+    assert code == 1
+    assert_one_line_error(err, "--fixed", "3D", "2D")
+    assert not warped.exists()
+
+
+def test_evaluate_rejects_zero_pairs(trained, capsys):
+    code, _, err = run_cli(capsys, "evaluate", "--model", trained / "model.safetensors", "--pairs", 0)
+    assert code == 2
+    assert_one_line_error(err, "--pairs")
