@@ -207,12 +207,13 @@ def test_diffusion_is_zero_for_a_translation_and_positive_otherwise(dim, shape):
 
 
 def test_diffusion_value_for_a_shear(dim, shape):
-    """Displacement along component 0 of α voxels per voxel along the last axis: ‖∇D‖² = α²."""
+    """Displacement along component 0 of α voxels per voxel along the last axis: one of the d × d
+    Jacobian entries is α, so the mean over components and axes is α² / d²."""
     alpha = 0.3
     field = torch.zeros(1, dim, *shape, dtype=torch.float64)
     last = torch.arange(shape[-1], dtype=torch.float64)
     field[0, 0] = alpha * last / (shape[0] - 1)  # voxels along axis 0 = α * index along the last axis
-    torch.testing.assert_close(diffusion(field), torch.tensor([alpha**2], dtype=torch.float64))
+    torch.testing.assert_close(diffusion(field), torch.tensor([alpha**2 / dim**2], dtype=torch.float64))
 
 
 # --- gradients --------------------------------------------------------------------------------

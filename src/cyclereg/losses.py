@@ -143,14 +143,14 @@ def gradient_inverse_consistency(phi_ab: Transform, phi_ba: Transform, points: t
 
 def diffusion(field: torch.Tensor) -> torch.Tensor:
     """``‖∇D‖²`` of a displacement field ``(N, d, *shape)`` by forward differences, in voxels per
-    voxel, summed over components and axes, averaged over the grid. Zero for a translation."""
+    voxel, averaged over components, axes and the grid (as VoxelMorph's and CycleMorph's ``Grad``
+    loss, so their λ carry over). Zero for a translation."""
     spatial = field.shape[2:]
     vox = field * voxel_scale(spatial, field.device, field.dtype)
     total = 0
     for k in range(len(spatial)):
-        diff = torch.diff(vox, dim=2 + k)
-        total = total + diff.pow(2).sum(1).flatten(1).mean(1)
-    return total
+        total = total + torch.diff(vox, dim=2 + k).pow(2).flatten(1).mean(1)
+    return total / len(spatial)
 
 
 SIMILARITIES = {"mse": mse, "ncc": ncc, "lncc": lncc, "lncc_box": lncc_box}

@@ -1,0 +1,75 @@
+"""Direct optimisation of one pair's fields, and instance optimisation of a trained network."""
+
+import torch
+
+from cyclereg.data import triangles_and_circles
+from cyclereg.losses import mse
+from cyclereg.methods import LossSettings, build_model, loss_terms
+from cyclereg.metrics import count_folds
+from cyclereg.optimize import optimize_pair
+from cyclereg.register import instance_optimisation
+from cyclereg.transforms import map_on_grid, warp
+
+
+def _pair(size=24):
+    images = triangles_and_circles(2, size, seed=3)
+    return images[:1], images[1:]
+
+
+def test_direct_optimisation_reduces_the_loss(dim):
+    if dim == 2:
+        moving, fixed = _pair()
+    else:
+        from conftest import smooth_image
+        moving, fixed = smooth_image((8, 7, 6), 1, 1), smooth_image((8, 7, 6), 1, 2)
+    _, _, history = optimize_pair(moving, fixed, LossSettings("icon", "mse", lam=64.0), steps=60, lr=1e-2)
+    assert history[-1] < 0.7 * history[0]
+
+
+def test_direct_optimisation_noise_changes_the_result():
+    moving, fixed = _pair()
+    plain = LossSettings("icon", "mse", lam=2048.0, noise=0.0)
+    noisy = LossSettings("icon", "mse", lam=2048.0, noise=0.125)
+    phi_a, _, _ = optimize_pair(moving, fixed, plain, steps=80, lr=1e-2)
+    phi_b, _, _ = optimize_pair(moving, fixed, noisy, steps=80, lr=1e-2)
+    assert (phi_a.field - phi_b.field).abs().max() > 1e-4
+
+
+def test_direct_optimisation_works_for_every_method():
+    moving, fixed = _pair(16)
+    for method, lam in (("gradicon", 1.0), ("diffusion", 0.1), ("icon", 64.0)):
+        phi_ab, _, history = optimize_pair(moving, fixed, LossSettings(method, "mse", lam=lam), steps=30)
+        assert history[-1] < history[0], method
+        assert count_folds(map_on_grid(phi_ab, (16, 16), moving)).item() >= 0
+
+
+def test_instance_optimisation_improves_the_pair_and_restores_the_weights():
+    moving, fixed = _pair(24)
+    model = build_model([{"network": "unet", "params": {"channels": [8, 16, 32]}}], 2, (24, 24)).eval()
+    stored = {k: v.clone() for k, v in model.state_dict().items()}
+    settings = LossSettings("icon", "mse", lam=64.0)
+    with torch.no_grad():
+        before = float(mse(warp(moving, model(moving, fixed)), fixed))
+    with instance_optimisation(model, moving, fixed, settings, steps=40, lr=2e-3) as tuned, torch.no_grad():
+        during = float(mse(warp(moving, tuned(moving, fixed)), fixed))
+    with torch.no_grad():
+        after = float(mse(warp(moving, model(moving, fixed)), fixed))
+    assert during < 0.9 * before
+    assert after == before
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in stored.items())
+    assert not model.training
+
+
+def test_instance_optimisation_restores_weights_after_an_error():
+    moving, fixed = _pair(16)
+    model = build_model([{"network": "unet", "params": {"channels": [8, 16]}}], 2, (16, 16)).eval()
+    stored = {k: v.clone() for k, v in model.state_dict().items()}
+    try:
+        with instance_optimisation(model, moving, fixed, LossSettings("icon", "mse", lam=1.0), steps=3, lr=0.1):
+            raise RuntimeError("interrupted")
+    except RuntimeError:
+        pass
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in stored.items())
+    # and the loss of a restored model is that of the original
+    total, _ = loss_terms(model, moving, fixed, LossSettings("icon", "mse", lam=1.0))
+    assert torch.isfinite(total)
