@@ -230,3 +230,18 @@ def test_fixed_pairs_are_distinct_images():
     assert moving.shape == (30, 1, 4, 4)
     assert torch.all(moving[:, 0, 0, 0] != fixed[:, 0, 0, 0])
     assert torch.equal(moving, fixed_pairs(images, 30, seed=0)[0])
+
+
+# --- augmentation ---------------------------------------------------------------------------------
+
+def test_random_affine_is_seeded_and_identity_at_zero_strength(dim):
+    from cyclereg.data import random_affine
+    from conftest import smooth_image, small_shape
+
+    x = smooth_image(small_shape(dim), 3, seed=4)
+    assert torch.allclose(random_affine(x, 0.0, torch.Generator().manual_seed(1)), x, atol=1e-5)
+    a = random_affine(x, 0.1, torch.Generator().manual_seed(1))
+    b = random_affine(x, 0.1, torch.Generator().manual_seed(1))
+    c = random_affine(x, 0.1, torch.Generator().manual_seed(2))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert (a - x).abs().mean() > 1e-3

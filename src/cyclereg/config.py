@@ -35,6 +35,7 @@ class DataConfig:
     size: int = 128  # triangles: image size
     n_train: int = 6000  # triangles: number of training images
     val_pairs: int = 64  # held-out pairs scored during training
+    augment: float = 0.0  # strength of random affine augmentation of training images (0: none)
     seed: int = 0  # data generation and held-out pairs
 
 
@@ -136,6 +137,7 @@ def _check(cfg: Config) -> None:
     need(d.size >= 8, "data.size", "an image size of at least 8", d.size)
     need(d.n_train >= 2, "data.n_train", "at least 2 images", d.n_train)
     need(d.val_pairs >= 1, "data.val_pairs", "at least 1", d.val_pairs)
+    need(0 <= d.augment <= 0.5, "data.augment", "a strength between 0 and 0.5", d.augment)
     if d.dataset == "mnist":
         need(bool(d.root), "data.root", "the folder of the MNIST IDX files (set it with --set data.root=DIR)", d.root)
     need(m.method in METHODS, "model.method", f"one of {sorted(METHODS)}", m.method)

@@ -16,7 +16,7 @@ import torch
 
 from .errors import DataError
 
-__all__ = ["triangles_and_circles", "read_idx", "load_mnist", "random_pairs", "MNIST_FILES"]
+__all__ = ["triangles_and_circles", "read_idx", "load_mnist", "random_pairs", "random_affine", "MNIST_FILES"]
 
 
 def triangles_and_circles(n: int, size: int = 128, seed: int = 0) -> torch.Tensor:
@@ -94,6 +94,24 @@ def load_mnist(root, split: str = "train", digit: int | None = 5) -> torch.Tenso
     if digit is not None:
         images = images[labels == digit]
     return torch.from_numpy(images.astype(np.float32) / 255.0).unsqueeze(1)
+
+
+def random_affine(images: torch.Tensor, strength: float, generator: torch.Generator) -> torch.Tensor:
+    """Each image warped by its own random affine map about the centre, for augmentation.
+
+    The map is ``p -> (I + strength·E)(p - c) + c + t`` with ``E`` standard normal ``d × d``
+    (rotation, scaling and shear together) and ``t`` normal of standard deviation ``strength / 2``
+    in the ``[0, 1]`` domain (:mod:`cyclereg.coords`); parameters are drawn from ``generator``.
+    """
+    from .coords import identity_grid
+    from .transforms import sample
+
+    n, d = images.shape[0], images.ndim - 2
+    matrix = torch.eye(d) + strength * torch.randn(n, d, d, generator=generator)
+    shift = 0.5 * strength * torch.randn(n, d, generator=generator)
+    grid = identity_grid(images.shape[2:]).flatten(2) - 0.5  # (1, d, P)
+    points = torch.einsum("nij,bjp->nip", matrix, grid) + 0.5 + shift[..., None]
+    return sample(images, points.view(n, d, *images.shape[2:]))
 
 
 def random_pairs(n_images: int, n_pairs: int, generator: torch.Generator) -> torch.Tensor:

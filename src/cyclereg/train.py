@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from .atomic import atomic_path
 from .config import Config
-from .data import dataset_images, fixed_pairs, intensity_range, random_pairs
+from .data import dataset_images, fixed_pairs, intensity_range, random_affine, random_pairs
 from .errors import DataError, UsageError
 from .evaluate import score_pairs, summarise
 from .methods import loss_terms, settings_from_config
@@ -131,7 +131,11 @@ def train(cfg: Config, out, resume: bool = False, device=None, progress: bool = 
                 settings = settings_from_config(cfg.model, stage.lam)
                 current = stage
             idx = random_pairs(len(images), cfg.train.batch_size, generator)
-            moving, fixed = images[idx[:, 0]].to(device), images[idx[:, 1]].to(device)
+            moving, fixed = images[idx[:, 0]], images[idx[:, 1]]
+            if cfg.data.augment:
+                moving = random_affine(moving, cfg.data.augment, generator)
+                fixed = random_affine(fixed, cfg.data.augment, generator)
+            moving, fixed = moving.to(device), fixed.to(device)
             loss, terms = loss_terms(model, moving, fixed, settings)
             if not torch.isfinite(loss):
                 bad = [k for k, v in terms.items() if not torch.isfinite(v)] or ["total"]
