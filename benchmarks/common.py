@@ -36,10 +36,13 @@ def commit() -> str:
         return "unknown"
 
 
+_COMMIT_AT_START = commit()  # the code that runs is the code at start, whatever is edited meanwhile
+
+
 def append_report(title: str, body: str, path: Path = ROOT / "BENCHMARKS.md") -> None:
-    """Append a dated section (machine, commit) to BENCHMARKS.md."""
+    """Append a dated section (machine, commit at the script's start) to BENCHMARKS.md."""
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    section = f"\n## {title}\n\n{stamp}; {machine()}; commit {commit()}\n\n{body.rstrip()}\n"
+    section = f"\n## {title}\n\n{stamp}; {machine()}; commit {_COMMIT_AT_START}\n\n{body.rstrip()}\n"
     if not path.exists():
         path.write_text("# Benchmarks\n\nAppended by the scripts in `benchmarks/`; never edited by hand.\n")
     with path.open("a") as f:
