@@ -420,3 +420,12 @@ def test_evaluate_rejects_zero_pairs(trained, capsys):
     code, _, err = run_cli(capsys, "evaluate", "--model", trained / "model.safetensors", "--pairs", 0)
     assert code == 2
     assert_one_line_error(err, "--pairs")
+
+
+def test_resume_tolerates_a_log_line_cut_short_by_a_crash(tmp_path):
+    from cyclereg.train import _trim_log
+
+    log = tmp_path / "log.jsonl"
+    log.write_text('{"step": 10, "loss": 1}\n{"step": 20, "loss": 0.5}\n{"step": 30, "lo')
+    _trim_log(log, 20)
+    assert log.read_text() == '{"step": 10, "loss": 1}\n{"step": 20, "loss": 0.5}\n'

@@ -63,6 +63,7 @@ def test_unknown_key_is_named(raw, key):
     ({"model": {"noise": -0.5}}, "model.noise"),
     ({"model": {"sigma": 0.0}}, "model.sigma"),
     ({"model": {"method": "voxelmorph"}}, "model.method"),
+    ({"model": {"method": "cycle"}}, "model.method"),
     ({"model": {"similarity": "mi"}}, "model.similarity"),
     ({"model": {"steps": []}}, "model.steps"),
     ({"model": {"steps": [{"network": "resnet"}]}}, "model.steps[0].network"),
@@ -79,6 +80,13 @@ def test_unknown_key_is_named(raw, key):
     ({"data": {"size": 4}}, "data.size"),
     ({"data": {"n_train": 1}}, "data.n_train"),
     ({"data": {"dataset": "mnist"}}, "data.root"),
+    ({"data": {"augment": -0.1}}, "data.augment"),
+    ({"model": {"window": 4}}, "model.window"),
+    ({"model": {"alpha": -1.0}}, "model.alpha"),
+    ({"model": {"beta": -1.0}}, "model.beta"),
+    ({"model": {"shared": "yes"}}, "model.shared"),
+    ({"train": {"betas": [0.9]}}, "train.betas"),
+    ({"train": {"betas": [0.9, 1.0]}}, "train.betas"),
 ])
 def test_wrong_values_are_named(raw, key):
     with pytest.raises(UsageError) as err:

@@ -15,6 +15,9 @@ from . import __version__
 from .errors import CycleregError, UsageError
 
 
+IO_LR = 2e-4
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cyclereg", description="Unsupervised deformable image registration with inverse and cycle consistency.")
     p.add_argument("--version", action="version", version=f"cyclereg {__version__}")
@@ -46,6 +49,7 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--pairs", type=int, default=100, help="number of random pairs (default: %(default)s)")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--io-steps", type=int, default=0, help="instance optimisation steps per pair")
+    ev.add_argument("--io-lr", type=float, default=IO_LR, help="instance optimisation learning rate (default: %(default)s)")
     ev.add_argument("--json", default=None, help="write the summary here")
     ev.add_argument("--device", default=None)
 
@@ -59,6 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     rg.add_argument("--warped-labels", help="warped label map (nearest neighbour, same pixel type)")
     rg.add_argument("--jacobian", help="Jacobian determinant map")
     rg.add_argument("--io-steps", type=int, default=0, help="instance optimisation steps on this pair")
+    rg.add_argument("--io-lr", type=float, default=IO_LR, help="instance optimisation learning rate (default: %(default)s)")
     rg.add_argument("--device", default=None)
 
     op = sub.add_parser("optimize", help="direct optimisation of one pair's displacement fields, without a network")
@@ -109,13 +114,15 @@ def _cmd_evaluate(args) -> int:
 
     if args.pairs < 1:
         raise UsageError(f"--pairs: expected at least 1, got {args.pairs}")
+    if args.io_steps < 0 or args.io_lr <= 0:
+        raise UsageError(f"--io-steps must be >= 0 and --io-lr > 0, got {args.io_steps} and {args.io_lr}")
     if args.json and not Path(args.json).resolve().parent.is_dir():
         raise UsageError(f"--json {args.json}: folder {Path(args.json).parent} does not exist")
     model, info = load_model(args.model, _device(args.device))
     if args.pairs_csv:
         from .evaluate_files import evaluate_csv
 
-        summary = evaluate_csv(model, info, args.pairs_csv, io_steps=args.io_steps)
+        summary = evaluate_csv(model, info, args.pairs_csv, io_steps=args.io_steps, io_lr=args.io_lr)
     else:
         summary = _evaluate_dataset(model, info, args)
     text = json.dumps(summary, indent=2)
@@ -151,7 +158,7 @@ def _evaluate_dataset(model, info, args) -> dict:
     register = None
     if args.io_steps:
         def register(m, f):
-            with instance_optimisation(model, m, f, settings_from_config(info.config.model), args.io_steps) as tuned:
+            with instance_optimisation(model, m, f, settings_from_config(info.config.model), args.io_steps, args.io_lr) as tuned:
                 return tuned(m, f), tuned(f, m)
     batch = 1 if args.io_steps else 64
     return summarise(score_pairs(model, moving, fixed, batch_size=batch, register=register), info.shape)
@@ -165,7 +172,7 @@ def _cmd_register(args) -> int:
     model, info = load_model(args.model, _device(args.device))
     summary = register_files(model, info, args.fixed, args.moving, warped=args.warped, transform=args.transform,
                              jacobian=args.jacobian, moving_labels=args.moving_labels,
-                             warped_labels=args.warped_labels, io_steps=args.io_steps)
+                             warped_labels=args.warped_labels, io_steps=args.io_steps, io_lr=args.io_lr)
     print(json.dumps(summary))
     return 0
 

@@ -72,6 +72,7 @@ class TrainConfig:
     steps: int = 2000
     batch_size: int = 128
     lr: float = 1e-3
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # Adam's (CycleMorph's authors: 0.5, 0.999)
     seed: int = 0
     log_every: int = 10
     val_every: int = 500
@@ -155,6 +156,7 @@ def _check(cfg: Config) -> None:
     need(t.steps >= 1, "train.steps", "a number of steps >= 1", t.steps)
     need(t.batch_size >= 1, "train.batch_size", "a batch size >= 1", t.batch_size)
     need(t.lr > 0, "train.lr", "a learning rate > 0", t.lr)
+    need(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), "train.betas", "two numbers in [0, 1)", t.betas)
     for name in ("log_every", "val_every", "checkpoint_every"):
         need(getattr(t, name) >= 1, f"train.{name}", "a number of steps >= 1", getattr(t, name))
     if t.stages:

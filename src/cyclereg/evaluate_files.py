@@ -38,7 +38,7 @@ def read_pairs_csv(path) -> list[dict]:
     return rows
 
 
-def evaluate_csv(model, info, csv_path, io_steps: int = 0) -> dict:
+def evaluate_csv(model, info, csv_path, io_steps: int = 0, io_lr: float = 2e-4) -> dict:
     """Mean Dice (over labels when both label maps are given, else of the normalised images
     thresholded at 0.5), folds on the fixed grid, inverse-consistency error and time per pair."""
     rows = read_pairs_csv(csv_path)
@@ -50,9 +50,9 @@ def evaluate_csv(model, info, csv_path, io_steps: int = 0) -> dict:
         if f.ndim - 2 != info.dim or m.ndim - 2 != info.dim:
             raise DataError(f"pair {row['fixed']}, {row['moving']}: the model registers {info.dim}D images")
         t0 = time.perf_counter()
-        phi_ab = register_tensors(model, info, m, f, io_steps)
+        phi_ab = register_tensors(model, info, m, f, io_steps, io_lr)
         seconds.append(time.perf_counter() - t0)
-        phi_ba = register_tensors(model, info, f, m, io_steps)
+        phi_ba = register_tensors(model, info, f, m, io_steps, io_lr)
         with torch.no_grad():
             points = map_on_grid(phi_ab, f.shape[2:], f.to(device))
             folds.append(int(count_folds(points)))

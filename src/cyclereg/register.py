@@ -67,23 +67,24 @@ def instance_optimisation(model, moving, fixed, settings: LossSettings, steps: i
         model.eval()
 
 
-def register_tensors(model, info, moving: torch.Tensor, fixed: torch.Tensor, io_steps: int = 0) -> Transform:
+def register_tensors(model, info, moving: torch.Tensor, fixed: torch.Tensor, io_steps: int = 0,
+                     io_lr: float = 2e-4) -> Transform:
     """``Φ_AB`` for tensors ``(1, 1, *spatial)`` of any size; intensities are normalised here."""
     device = next(model.parameters()).device
     m = resize(normalise(moving, info.intensity, "--moving"), info.shape).to(device)
     f = resize(normalise(fixed, info.intensity, "--fixed"), info.shape).to(device)
-    with instance_optimisation(model, m, f, settings_from_config(info.config.model), io_steps) as tuned, torch.no_grad():
+    with instance_optimisation(model, m, f, settings_from_config(info.config.model), io_steps, io_lr) as tuned, torch.no_grad():
         return tuned(m, f)
 
 
 def register_files(model, info, fixed, moving, warped=None, transform=None, jacobian=None,
-                   moving_labels=None, warped_labels=None, io_steps: int = 0) -> dict:
+                   moving_labels=None, warped_labels=None, io_steps: int = 0, io_lr: float = 2e-4) -> dict:
     """Register the files ``moving`` to ``fixed`` with a trained model and write the requested
     outputs in the fixed image's space. Returns a summary (folds, Jacobian range)."""
     if io_steps < 0:
         raise UsageError(f"--io-steps: expected a number of steps >= 0, got {io_steps}")
     pair = read_pair(fixed, moving, moving_labels, warped_labels, dim=info.dim)
-    phi = register_tensors(model, info, pair.moving, pair.fixed, io_steps)
+    phi = register_tensors(model, info, pair.moving, pair.fixed, io_steps, io_lr)
     device = next(model.parameters()).device
     return write_outputs(pair, phi, device, warped=warped, transform=transform, jacobian=jacobian, warped_labels=warped_labels)
 

@@ -80,7 +80,13 @@ def _load_checkpoint(path: Path, model, optimizer, cfg: Config, generator: torch
 def _trim_log(path: Path, step: int) -> None:
     """Drop log lines written after the checkpoint a run resumes from."""
     if path.exists():
-        keep = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
+        keep = []
+        for line in path.read_text().splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    keep.append(line)
+            except json.JSONDecodeError:  # a line cut short by a crash
+                continue
         with atomic_path(path) as tmp:
             tmp.write_text("".join(line + "\n" for line in keep))
 
@@ -103,7 +109,7 @@ def train(cfg: Config, out, resume: bool = False, device=None, progress: bool = 
     shape = tuple(images.shape[2:])
     info = ModelInfo(cfg, shape, intensity_range(cfg.data))
     model = build_from_info(info).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, betas=tuple(cfg.train.betas))
     step = _load_checkpoint(ckpt_path, model, optimizer, cfg, generator) if resume else 0
     _trim_log(log_path, step)
     stages = stage_schedule(cfg)

@@ -1,0 +1,75 @@
+"""Seconds per training step: cyclereg against icon_registration, same loss, batch and data.
+
+ICON (MSE, λ = 256) and GradICON (MSE, λ = 0.05) on batches of 128 MNIST-sized pairs (28×28), one
+cyclereg U-Net (widths 16-32-64-128) against icon_registration's tallUNet2. Steps alternate between
+the two implementations so that a noisy machine affects both alike; the median of the timed steps
+is reported, with the ratio. Appends to BENCHMARKS.md.
+
+    python benchmarks/step_time.py --steps 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import reference_icon  # noqa: E402
+from common import append_report  # noqa: E402
+
+from cyclereg.data import triangles_and_circles  # noqa: E402
+from cyclereg.methods import LossSettings, build_model, loss_terms  # noqa: E402
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--size", type=int, default=28)
+    args = p.parse_args(argv)
+    images = triangles_and_circles(2 * args.batch, args.size, seed=0)
+    moving, fixed = images[: args.batch], images[args.batch:]
+    lines = ["| method | cyclereg U-Net s/step | icon_registration tallUNet2 s/step | ratio | cyclereg params | tallUNet2 params |",
+             "|---|---|---|---|---|---|"]
+    for method, lam in (("icon", 256.0), ("gradicon", 0.05)):
+        torch.manual_seed(0)
+        ours = build_model([{"network": "unet", "params": {"channels": [16, 32, 64, 128]}}], 2, (args.size, args.size))
+        ours_opt = torch.optim.Adam(ours.parameters(), lr=1e-3)
+        ref = reference_icon.make_icon_model(method, lam, (args.size, args.size), "mse")
+        ref_opt = torch.optim.Adam(ref.parameters(), lr=1e-3)
+        settings = LossSettings(method, "mse", lam)
+
+        def step_ours():
+            loss, _ = loss_terms(ours, moving, fixed, settings)
+            ours_opt.zero_grad(set_to_none=True)
+            loss.backward()
+            ours_opt.step()
+
+        def step_ref():
+            reference_icon.train_step(ref, ref_opt, moving, fixed)
+
+        times = {"ours": [], "ref": []}
+        for i in range(args.steps + 3):
+            for name, fn in (("ours", step_ours), ("ref", step_ref)):
+                t0 = time.perf_counter()
+                fn()
+                if i >= 3:  # warm-up
+                    times[name].append(time.perf_counter() - t0)
+        a, b = statistics.median(times["ours"]), statistics.median(times["ref"])
+        n_ours = sum(p.numel() for p in ours.parameters())
+        n_ref = sum(p.numel() for p in ref.regis_net.parameters())
+        line = f"| {method}, MSE, λ={lam:g} | {a:.3f} | {b:.3f} | {a / b:.2f} | {n_ours:,} | {n_ref:,} |"
+        print(line, flush=True)
+        lines.append(line)
+    append_report("Training step time against icon_registration (benchmarks/step_time.py)",
+                  f"Batch {args.batch} of {args.size}×{args.size} pairs, median of {args.steps} steps after 3 warm-up "
+                  "steps, the two implementations alternating step by step.\n\n" + "\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
