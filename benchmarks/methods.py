@@ -34,10 +34,6 @@ def variants(icon_lambdas):
     return out
 
 
-def model_cfg_is_gradicon(raw) -> bool:
-    return raw["model"]["method"] == "gradicon"
-
-
 def instance_rows(model, info, moving, fixed, steps) -> list[str]:
     """The GradICON model alone and with instance optimisation (``steps`` Adam steps per pair at two
     learning rates, weights restored after each pair), on the same pairs."""
@@ -80,7 +76,7 @@ def main(argv=None) -> None:
                     f"| {m['seconds_per_step']:.3f} |")
             print(f"[{dataset}] {line}", flush=True)
             lines.append(line)
-            if model_cfg_is_gradicon(raw) and args.io_steps:
+            if raw["model"]["method"] == "gradicon" and args.io_steps:
                 lines += instance_rows(model, info, moving[:args.io_pairs], fixed[:args.io_pairs], args.io_steps)
         shape = "28×28" if dataset == "mnist" else f"{args.size}×{args.size}"
         sections.append(f"### {dataset}, {shape}\n\nSame U-Net (widths 16-32-64-128), {args.steps} steps of batch "

@@ -68,11 +68,6 @@ class Geometry:
     def dim(self) -> int:
         return len(self.size)
 
-    @property
-    def shape(self) -> tuple:
-        """The tensor shape (ITK size reversed)."""
-        return tuple(reversed(self.size))
-
     def matrix(self) -> np.ndarray:
         """``direction @ diag(spacing)``: ITK index offsets to physical offsets."""
         return np.asarray(self.direction, float).reshape(self.dim, self.dim) @ np.diag(self.spacing)
