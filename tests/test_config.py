@@ -22,9 +22,9 @@ def test_shipped_configs_load_without_reading_data(path, monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
     cfg = load_config(path)
     assert isinstance(cfg, Config)
-    assert cfg.data.dataset in ("triangles", "mnist")
+    assert cfg.data.dataset in ("triangles", "mnist", "folder")
     assert cfg.model.steps and cfg.train.steps >= 1
-    if cfg.data.dataset == "mnist":
+    if cfg.data.dataset in ("mnist", "folder"):
         assert isinstance(cfg.data.root, str) and cfg.data.root
     assert config_from_dict(cfg.to_dict()) == cfg  # the dictionary form round trips
 

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from cyclereg.preprocess import Preprocessing
 from cyclereg.config import config_from_dict
 from cyclereg.data import dataset_images, fixed_pairs
 from cyclereg.evaluate import score_pairs, summarise
@@ -57,7 +58,7 @@ def test_identity_loss_is_zero_for_identical_images_even_when_the_map_moves():
 def test_shared_cyclemorph_has_one_network_and_saves(tmp_path):
     cfg = config_from_dict({"model": {"method": "cyclemorph", "similarity": "lncc_box", "shared": True,
                                       "steps": [{"network": "voxelmorph"}]}})
-    info = ModelInfo(cfg, (16, 16), (-1.0, 1.0))
+    info = ModelInfo(cfg, (16, 16), Preprocessing(range=(-1.0, 1.0)))
     shared = build_from_info(info)
     separate = build_model([{"network": "voxelmorph"}], 2, (16, 16), method="cyclemorph")
     assert isinstance(shared, CycleMorph) and shared.reverse is shared.g_ab

@@ -8,6 +8,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from cyclereg.preprocess import Preprocessing
 from cyclereg.config import config_from_dict
 from cyclereg.errors import DataError
 from cyclereg.modelfile import FORMAT_VERSION, ModelInfo, build_from_info, load_model, save_model, weights_digest
@@ -19,7 +20,7 @@ def _trained_like_model(dim=2, shape=(16, 16), network="unet"):
     raw = tiny_config_dict()
     raw["model"]["steps"] = [{"network": network, "params": {"channels": [4, 8]} if network == "unet" else {}},
                              {"network": "convonly", "downsample": 2, "params": {"growth": 2}}]
-    info = ModelInfo(config_from_dict(raw), shape, (-1.0, 1.0))
+    info = ModelInfo(config_from_dict(raw), shape, Preprocessing(range=(-1.0, 1.0)))
     model = build_from_info(info)
     torch.manual_seed(1)
     with torch.no_grad():  # every weight random, batch-norm statistics included
@@ -113,13 +114,23 @@ def test_newer_or_unknown_format_version_is_refused(tmp_path, version):
     ({"config": "{not json"}, "inconsistent header"),
     ({"config": json.dumps({"model": {"lamda": 1}})}, "inconsistent header"),
     ({"shape": None}, "inconsistent header"),
-    ({"intensity": "low"}, "inconsistent header"),
+    ({"preprocess": "low"}, "inconsistent header"),
+    ({"preprocess": json.dumps({"intensity": "loud"})}, "inconsistent header"),
+    ({"preprocess": json.dumps({"spacing": [1.0, -2.0]})}, "inconsistent header"),
 ])
 def test_inconsistent_headers_are_refused(tmp_path, changes, message):
     path, _, _ = _save(tmp_path)
     _rewrite(path, **changes)
     with pytest.raises(DataError, match=message):
         load_model(path)
+
+
+def test_format_version_1_files_still_load(tmp_path):
+    """Version 1 stored only the input range ('intensity'); it loads as min-max normalisation to it."""
+    path, _, _ = _save(tmp_path)
+    _rewrite(path, format_version="1", preprocess=None, intensity=json.dumps([-1.0, 1.0]))
+    _, info = load_model(path)
+    assert info.preprocess == Preprocessing(range=(-1.0, 1.0))
 
 
 def test_weights_of_another_architecture_are_refused(tmp_path):

@@ -46,6 +46,8 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--digit", type=int, default=None, help="mnist digit (default: the model's)")
     ev.add_argument("--size", type=int, default=None, help="triangles: image size (default: the model's)")
     ev.add_argument("--pairs-csv", default=None, help="CSV with columns fixed, moving[, fixed_labels, moving_labels]")
+    ev.add_argument("--labels", default=None, help="--pairs-csv: labels scored (a file with one per line, or 2,3,4; default: all in the fixed labels)")
+    ev.add_argument("--per-pair", default=None, help="--pairs-csv: write the per-pair scores to this CSV")
     ev.add_argument("--pairs", type=int, default=100, help="number of random pairs (default: %(default)s)")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--io-steps", type=int, default=0, help="instance optimisation steps per pair")
@@ -62,9 +64,17 @@ def _parser() -> argparse.ArgumentParser:
     rg.add_argument("--moving-labels", help="label map of the moving image")
     rg.add_argument("--warped-labels", help="warped label map (nearest neighbour, same pixel type)")
     rg.add_argument("--jacobian", help="Jacobian determinant map")
+    rg.add_argument("--figure", help="PNG of orthogonal slices: fixed, moving, warped, difference, deformed grid")
     rg.add_argument("--io-steps", type=int, default=0, help="instance optimisation steps on this pair")
     rg.add_argument("--io-lr", type=float, default=IO_LR, help="instance optimisation learning rate (default: %(default)s)")
     rg.add_argument("--device", default=None)
+
+    wp = sub.add_parser("warp", help="apply a saved transform to an image of the moving subject")
+    wp.add_argument("--transform", required=True, help="transform written by register --transform")
+    wp.add_argument("--moving", required=True, help="image to warp")
+    wp.add_argument("--fixed", required=True, help="image whose grid the output takes")
+    wp.add_argument("--out", required=True, help="warped image")
+    wp.add_argument("--nearest", action="store_true", help="nearest-neighbour interpolation (label maps)")
 
     op = sub.add_parser("optimize", help="direct optimisation of one pair's displacement fields, without a network")
     op.add_argument("--fixed", required=True)
@@ -116,13 +126,15 @@ def _cmd_evaluate(args) -> int:
         raise UsageError(f"--pairs: expected at least 1, got {args.pairs}")
     if args.io_steps < 0 or args.io_lr <= 0:
         raise UsageError(f"--io-steps must be >= 0 and --io-lr > 0, got {args.io_steps} and {args.io_lr}")
-    if args.json and not Path(args.json).resolve().parent.is_dir():
-        raise UsageError(f"--json {args.json}: folder {Path(args.json).parent} does not exist")
+    for name, out in (("--json", args.json), ("--per-pair", args.per_pair)):
+        if out and not Path(out).resolve().parent.is_dir():
+            raise UsageError(f"{name} {out}: folder {Path(out).parent} does not exist")
     model, info = load_model(args.model, _device(args.device))
     if args.pairs_csv:
-        from .evaluate_files import evaluate_csv
+        from .evaluate_files import evaluate_csv, parse_labels
 
-        summary = evaluate_csv(model, info, args.pairs_csv, io_steps=args.io_steps, io_lr=args.io_lr)
+        summary = evaluate_csv(model, info, args.pairs_csv, io_steps=args.io_steps, io_lr=args.io_lr,
+                               labels=parse_labels(args.labels), per_pair=args.per_pair)
     else:
         summary = _evaluate_dataset(model, info, args)
     text = json.dumps(summary, indent=2)
@@ -168,19 +180,30 @@ def _cmd_register(args) -> int:
     from .modelfile import load_model
     from .register import register_files
 
-    _check_outputs([args.warped, args.transform, args.warped_labels, args.jacobian])
+    _check_outputs([args.warped, args.transform, args.warped_labels, args.jacobian, args.figure])
     model, info = load_model(args.model, _device(args.device))
     summary = register_files(model, info, args.fixed, args.moving, warped=args.warped, transform=args.transform,
                              jacobian=args.jacobian, moving_labels=args.moving_labels,
-                             warped_labels=args.warped_labels, io_steps=args.io_steps, io_lr=args.io_lr)
+                             warped_labels=args.warped_labels, io_steps=args.io_steps, io_lr=args.io_lr,
+                             figure=args.figure)
     print(json.dumps(summary))
+    return 0
+
+
+def _cmd_warp(args) -> int:
+    from .register import warp_file
+
+    _check_outputs([args.out])
+    warp_file(args.transform, args.moving, args.fixed, args.out, nearest=args.nearest)
+    print(f"warped image written to {args.out}")
     return 0
 
 
 def _cmd_optimize(args) -> int:
     from .methods import LossSettings
     from .optimize import optimize_pair
-    from .register import normalise, read_pair, write_outputs
+    from .preprocess import Preprocessing
+    from .register import Registration, model_inputs, read_pair, write_outputs
 
     if args.steps < 1:
         raise UsageError(f"--steps: expected at least 1, got {args.steps}")
@@ -189,14 +212,12 @@ def _cmd_optimize(args) -> int:
     outputs = [args.warped, args.transform, args.jacobian]
     _check_outputs(outputs)
     pair = read_pair(args.fixed, args.moving)
-    if pair.fixed.shape != pair.moving.shape:
-        raise UsageError(f"optimize: fixed {tuple(pair.fixed.shape[2:])} and moving {tuple(pair.moving.shape[2:])} must have the same size")
     device = _device(args.device)
-    m = normalise(pair.moving, (0.0, 1.0), "--moving").to(device)
-    f = normalise(pair.fixed, (0.0, 1.0), "--fixed").to(device)
+    grid, m, f = model_inputs(pair, Preprocessing())  # the fixed image's own grid, intensities in [0, 1]
     settings = LossSettings(args.method, args.similarity, args.lam, args.noise)
-    phi_ab, _, history = optimize_pair(m, f, settings, steps=args.steps, lr=args.lr, progress=True)
-    summary = write_outputs(pair, phi_ab, device, warped=args.warped, transform=args.transform, jacobian=args.jacobian)
+    phi_ab, _, history = optimize_pair(m.to(device), f.to(device), settings, steps=args.steps, lr=args.lr, progress=True)
+    summary = write_outputs(Registration(pair, grid, phi_ab), device, warped=args.warped, transform=args.transform,
+                            jacobian=args.jacobian)
     summary.update(loss_first=history[0], loss_last=history[-1])
     print(json.dumps(summary))
     return 0
@@ -218,7 +239,7 @@ def _cmd_demo(args) -> int:
 
 
 COMMANDS = {"demo": _cmd_demo, "train": _cmd_train, "evaluate": _cmd_evaluate, "register": _cmd_register,
-            "optimize": _cmd_optimize}
+            "optimize": _cmd_optimize, "warp": _cmd_warp}
 
 
 def main(argv=None) -> int:

@@ -28,14 +28,28 @@ __all__ = ["DataConfig", "StepConfig", "ModelConfig", "StageConfig", "TrainConfi
 
 @dataclass
 class DataConfig:
-    dataset: str = "triangles"  # "triangles" or "mnist"
-    root: str = ""  # mnist: folder of the IDX files
+    dataset: str = "triangles"  # "triangles", "mnist" or "folder" (scans in any format SimpleITK reads)
+    root: str = ""  # mnist: folder of the IDX files; folder: a folder of scans or a CSV (column image)
+    pattern: str = "*.nii.gz"  # folder: which files of the folder are scans
+    atlas: str = ""  # folder: register every scan to this fixed image (empty: pairs of scans)
     digit: int = 5  # mnist: the digit to register
-    holdout: float = 0.1  # mnist: fraction of the digit's training images kept out for validation
+    holdout: float = 0.1  # mnist, folder: fraction of the images kept out for validation
     size: int = 128  # triangles: image size
     n_train: int = 6000  # triangles: number of training images
     val_pairs: int = 64  # held-out pairs scored during training
+    # Preprocessing (folder; stored in the model file and applied the same way at registration)
+    intensity: str = "minmax"  # minmax, percentile (MR), window (CT) or none
+    percentiles: list[float] = field(default_factory=lambda: [0.5, 99.5])  # percentile: the clamp
+    window: list[float] = field(default_factory=lambda: [-1000.0, 1000.0])  # window: the clamp (CT: HU)
+    spacing: list[float] = field(default_factory=list)  # model voxel spacing in mm (x, y, z); empty: the scans'
+    pad_multiple: int = 1  # the model grid's size is a multiple of this
+    # Augmentation (seeded)
     augment: float = 0.0  # strength of random affine augmentation of training images (0: none)
+    deform: float = 0.0  # folder: RMS of random smooth deformations, in model voxels (0: none)
+    smoothness: int = 5  # folder: control points per axis of the random deformations
+    flips: bool = False  # folder: random axis flips (the same for both images of a pair)
+    permute: bool = False  # folder: random axis permutations (cubic model grids only)
+    intensity_augment: bool = False  # folder: random gamma, scale and noise per image
     seed: int = 0  # data generation and held-out pairs
 
 
@@ -132,7 +146,18 @@ def _check(cfg: Config) -> None:
             raise UsageError(f"config key '{key}': expected {expected}, got {value!r}")
 
     d, m, t = cfg.data, cfg.model, cfg.train
-    need(d.dataset in ("triangles", "mnist"), "data.dataset", "'triangles' or 'mnist'", d.dataset)
+    from .preprocess import INTENSITY_MODES
+
+    need(d.dataset in ("triangles", "mnist", "folder"), "data.dataset", "'triangles', 'mnist' or 'folder'", d.dataset)
+    need(d.intensity in INTENSITY_MODES, "data.intensity", f"one of {list(INTENSITY_MODES)}", d.intensity)
+    need(len(d.percentiles) == 2 and 0 <= d.percentiles[0] < d.percentiles[1] <= 100, "data.percentiles",
+         "two increasing percentages", d.percentiles)
+    need(len(d.window) == 2 and d.window[0] < d.window[1], "data.window", "two increasing values", d.window)
+    need(all(s > 0 for s in d.spacing) and len(d.spacing) in (0, 2, 3), "data.spacing",
+         "an empty list or 2 or 3 spacings > 0 (mm)", d.spacing)
+    need(d.pad_multiple >= 1, "data.pad_multiple", "an integer >= 1", d.pad_multiple)
+    need(d.deform >= 0, "data.deform", "an RMS displacement >= 0 (voxels)", d.deform)
+    need(d.smoothness >= 2, "data.smoothness", "at least 2 control points per axis", d.smoothness)
     need(d.digit in range(10), "data.digit", "an integer from 0 to 9", d.digit)
     need(0 < d.holdout < 1, "data.holdout", "a fraction between 0 and 1", d.holdout)
     need(d.size >= 8, "data.size", "an image size of at least 8", d.size)
@@ -141,6 +166,8 @@ def _check(cfg: Config) -> None:
     need(0 <= d.augment <= 0.5, "data.augment", "a strength between 0 and 0.5", d.augment)
     if d.dataset == "mnist":
         need(bool(d.root), "data.root", "the folder of the MNIST IDX files (set it with --set data.root=DIR)", d.root)
+    if d.dataset == "folder":
+        need(bool(d.root), "data.root", "a folder of scans or a CSV listing them (set it with --set data.root=DIR)", d.root)
     need(m.method in METHODS, "model.method", f"one of {sorted(METHODS)}", m.method)
     need(m.similarity in SIMILARITIES, "model.similarity", f"one of {sorted(SIMILARITIES)}", m.similarity)
     need(m.lam >= 0, "model.lam", "a weight >= 0", m.lam)

@@ -159,6 +159,47 @@ def intensity_range(cfg) -> tuple[float, float]:
     return (-1.0, 1.0) if cfg.dataset == "triangles" else (0.0, 1.0)
 
 
+def preprocessing(cfg):
+    """The :class:`~cyclereg.preprocess.Preprocessing` of a :class:`~cyclereg.config.DataConfig`."""
+    from .preprocess import Preprocessing
+
+    if cfg.dataset != "folder":
+        return Preprocessing(range=intensity_range(cfg))
+    return Preprocessing(cfg.intensity, tuple(cfg.percentiles), tuple(cfg.window), (0.0, 1.0),
+                         tuple(cfg.spacing), cfg.pad_multiple)
+
+
+class ImageSet:
+    """The 2D datasets (triangles, MNIST) as training data: random pairs, optional random affines."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.images = dataset_images(cfg, "train")
+        self.shape = tuple(self.images.shape[2:])
+        self.preprocess = preprocessing(cfg)
+
+    def batch(self, batch_size: int, generator: torch.Generator):
+        idx = random_pairs(len(self.images), batch_size, generator)
+        moving, fixed = self.images[idx[:, 0]], self.images[idx[:, 1]]
+        if self.cfg.augment:
+            moving = random_affine(moving, self.cfg.augment, generator)
+            fixed = random_affine(fixed, self.cfg.augment, generator)
+        return moving, fixed
+
+    def heldout(self):
+        return fixed_pairs(dataset_images(self.cfg, "heldout"), self.cfg.val_pairs, self.cfg.seed)
+
+
+def training_data(cfg):
+    """Training data of a :class:`~cyclereg.config.DataConfig`: ``.shape``, ``.preprocess``,
+    ``.batch(batch_size, generator) -> (moving, fixed)`` and ``.heldout() -> (moving, fixed)``."""
+    if cfg.dataset == "folder":
+        from .volumes import ScanSet
+
+        return ScanSet(cfg)
+    return ImageSet(cfg)
+
+
 def fixed_pairs(images: torch.Tensor, n_pairs: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``n_pairs`` seeded (moving, fixed) pairs of distinct images."""
     idx = random_pairs(len(images), n_pairs, torch.Generator().manual_seed(seed))

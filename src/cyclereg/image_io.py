@@ -19,7 +19,10 @@ import torch
 from .atomic import atomic_path
 from .errors import DataError
 
-__all__ = ["read_image", "image_to_tensor", "Geometry", "write_image", "write_displacement"]
+__all__ = ["read_image", "image_to_tensor", "Geometry", "write_image", "read_transform", "write_displacement"]
+
+# Orientation is handled once, by SimpleITK: NIfTI headers hold RAS coordinates and SimpleITK turns
+# them into ITK's LPS when reading (and back when writing); everything in cyclereg is LPS.
 
 
 def read_image(path, role: str = "image") -> sitk.Image:
@@ -27,10 +30,13 @@ def read_image(path, role: str = "image") -> sitk.Image:
     path = Path(path)
     if not path.exists():
         raise DataError(f"{role} {path} does not exist")
-    if not path.is_file():
-        raise DataError(f"{role} {path} is not a file")
     try:
-        image = sitk.ReadImage(str(path))
+        if path.is_dir():
+            image = _read_dicom_series(path, role)
+        elif path.stat().st_size == 0:
+            raise DataError(f"{role} {path} is an empty file")
+        else:
+            image = sitk.ReadImage(str(path))
     except RuntimeError as err:
         first = str(err).strip().splitlines()[-1] if str(err).strip() else "unknown format"
         raise DataError(f"{role} {path} cannot be read as an image ({first})") from None
@@ -41,6 +47,18 @@ def read_image(path, role: str = "image") -> sitk.Image:
     if min(image.GetSize()) < 2:
         raise DataError(f"{role} {path} has size {image.GetSize()}; every axis needs at least 2 voxels")
     return image
+
+
+def _read_dicom_series(folder: Path, role: str) -> sitk.Image:
+    """A folder is read as a DICOM series (the only series in it)."""
+    series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    if not series:
+        raise DataError(f"{role} {folder} is a folder without a DICOM series; expected an image file or a DICOM folder")
+    if len(series) > 1:
+        raise DataError(f"{role} {folder} holds {len(series)} DICOM series; expected one")
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series[0]))
+    return reader.Execute()
 
 
 def image_to_tensor(image: sitk.Image, role: str = "image") -> torch.Tensor:
@@ -80,6 +98,23 @@ class Geometry:
         origin = torch.tensor(self.origin, dtype=points.dtype, device=points.device).view(1, d, *([1] * (points.ndim - 2)))
         return torch.einsum("ij,nj...->ni...", m, index) + origin
 
+    def from_physical(self, points: torch.Tensor) -> torch.Tensor:
+        """Physical points ``(N, d, *S)`` (x, y, z) -> domain points (tensor order, ``[0, 1]``)."""
+        d = self.dim
+        view = (1, d, *([1] * (points.ndim - 2)))
+        inverse = torch.tensor(np.linalg.inv(self.matrix()), dtype=points.dtype, device=points.device)
+        origin = torch.tensor(self.origin, dtype=points.dtype, device=points.device).view(view)
+        index = torch.einsum("ij,nj...->ni...", inverse, points - origin)
+        return (index / torch.tensor([n - 1 for n in self.size], dtype=points.dtype, device=points.device).view(view)).flip(1)
+
+    def inside(self, points: torch.Tensor) -> torch.Tensor:
+        """Where domain points fall inside the image as ITK's interpolators see it: continuous index
+        in ``[-0.5, n - 0.5)`` along every axis. Returns a boolean ``(N, 1, *S)``."""
+        shape = torch.tensor(list(reversed(self.size)), dtype=points.dtype, device=points.device)
+        index = points * (shape - 1).view(1, -1, *([1] * (points.ndim - 2)))
+        upper = (shape - 0.5).view(1, -1, *([1] * (points.ndim - 2)))
+        return ((index >= -0.5) & (index < upper)).all(1, keepdim=True)
+
     def extent_volume(self) -> float:
         """Signed volume spanned by the voxel centres (direction handedness included)."""
         return float(np.linalg.det(self.matrix() * np.array([n - 1 for n in self.size])[None, :]))
@@ -104,6 +139,24 @@ def write_image(path, array, reference: sitk.Image, pixel_id=None) -> None:
         image = sitk.Cast(image, pixel_id)
     with atomic_path(path) as tmp:
         sitk.WriteImage(image, str(tmp))
+
+
+def read_transform(path) -> sitk.Transform:
+    """A transform file written by :func:`write_displacement` (or any ITK transform file), or a
+    displacement field stored as a vector image."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"--transform {path} does not exist" if not path.exists() else f"--transform {path} is not a file")
+    suffix = "".join(path.suffixes).lower()
+    try:
+        if suffix.endswith((".h5", ".hdf5", ".tfm", ".txt", ".mat")):
+            return sitk.ReadTransform(str(path))
+        field = sitk.ReadImage(str(path))
+    except RuntimeError as err:
+        raise DataError(f"--transform {path} cannot be read as a transform ({str(err).strip().splitlines()[-1]})") from None
+    if field.GetNumberOfComponentsPerPixel() != field.GetDimension():
+        raise DataError(f"--transform {path} is not a displacement field (expected {field.GetDimension()} components per voxel)")
+    return sitk.DisplacementFieldTransform(sitk.Cast(field, sitk.sitkVectorFloat64))
 
 
 def write_displacement(path, displacement: torch.Tensor, reference: sitk.Image) -> None:

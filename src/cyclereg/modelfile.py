@@ -2,8 +2,9 @@
 
 Header keys (all strings, as safetensors stores them): ``format`` (``"cyclereg-model"``),
 ``format_version``, ``cyclereg_version``, ``config`` (the training config as JSON), ``dim``,
-``shape`` (the image shape the model was trained on), ``intensity`` (the training intensity range
-``[low, high]`` that inputs are normalised to) and ``weights_sha256``.
+``shape`` (the model grid's shape in training, tensor order), ``preprocess`` (the preprocessing of
+:class:`~cyclereg.preprocess.Preprocessing` as JSON: intensity normalisation, model spacing, padding)
+and ``weights_sha256``. Format version 1 (before ``preprocess``) had ``intensity``, the input range.
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ from .atomic import atomic_path
 from .config import Config, config_from_dict
 from .errors import CycleregError, DataError
 from .methods import RegistrationModel, build_model
+from .preprocess import Preprocessing
 
 FORMAT = "cyclereg-model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 __all__ = ["ModelInfo", "save_model", "load_model", "weights_digest"]
 
@@ -33,11 +35,15 @@ __all__ = ["ModelInfo", "save_model", "load_model", "weights_digest"]
 class ModelInfo:
     config: Config
     shape: tuple
-    intensity: tuple = (0.0, 1.0)
+    preprocess: Preprocessing = Preprocessing()
 
     @property
     def dim(self) -> int:
         return len(self.shape)
+
+    @property
+    def intensity(self) -> tuple:
+        return self.preprocess.range
 
 
 def weights_digest(tensors: dict) -> str:
@@ -65,7 +71,7 @@ def save_model(path, model: RegistrationModel, info: ModelInfo) -> None:
         "config": json.dumps(info.config.to_dict()),
         "dim": str(info.dim),
         "shape": json.dumps(list(info.shape)),
-        "intensity": json.dumps(list(info.intensity)),
+        "preprocess": json.dumps(info.preprocess.to_dict()),
         "weights_sha256": weights_digest(tensors),
     }
     with atomic_path(path) as tmp:
@@ -91,8 +97,11 @@ def load_model(path, device="cpu") -> tuple[RegistrationModel, ModelInfo]:
     if weights_digest(tensors) != meta.get("weights_sha256"):
         raise DataError(f"model file {path}: weights do not match their SHA-256 (file altered or damaged)")
     try:
-        info = ModelInfo(config_from_dict(json.loads(meta["config"])), tuple(json.loads(meta["shape"])),
-                         tuple(json.loads(meta["intensity"])))
+        if version == "1":
+            prep = Preprocessing(range=tuple(json.loads(meta["intensity"])))
+        else:
+            prep = Preprocessing.from_dict(json.loads(meta["preprocess"]))
+        info = ModelInfo(config_from_dict(json.loads(meta["config"])), tuple(json.loads(meta["shape"])), prep)
         model = build_from_info(info)
         model.load_state_dict(tensors)
     except (CycleregError, KeyError, ValueError, RuntimeError, TypeError) as err:

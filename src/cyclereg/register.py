@@ -1,8 +1,12 @@
-"""Registering one pair: tensors in, a transform out; files in, files out.
+"""Registering one pair: files in, a map in physical space, files out on the fixed image's grid.
 
-The model sees both images resampled to the shape it was trained on, with intensities normalised to
-its training range; the resulting map lives on the ``[0, 1]`` domain (:mod:`cyclereg.coords`), so it
-is evaluated on the fixed image's own grid and applied to the moving image at its own resolution.
+Both images are resampled onto the fixed image's model grid (:mod:`cyclereg.preprocess`); the model's
+map ``Φ`` lives on that grid's ``[0, 1]`` domain (:mod:`cyclereg.coords`). To carry it back, every
+voxel ``x`` of the fixed image is taken to physical space, into the model grid's domain, through
+``Φ``, and back to a physical point ``y``: ``y - x`` is the ITK displacement field (fixed point plus
+displacement = moving point), and the moving image is sampled at ``y`` with ITK's rules (linear or
+nearest, inside the buffer up to half a voxel beyond the edge centres, 0 outside), so SimpleITK's
+resampler and ANTs give the same warped image from the written transform.
 """
 
 from __future__ import annotations
@@ -10,34 +14,59 @@ from __future__ import annotations
 import contextlib
 import copy
 from dataclasses import dataclass
+
+import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
 from .coords import identity_grid
 from .errors import DataError, UsageError
-from .image_io import Geometry, image_to_tensor, read_image, write_displacement, write_image
+from .atomic import atomic_path
+from .image_io import Geometry, image_to_tensor, read_image, read_transform, write_displacement, write_image
 from .methods import LossSettings, loss_terms, settings_from_config
 from .metrics import jacobian_determinant
-from .transforms import Transform, map_on_grid, sample
+from .preprocess import Preprocessing, model_grid, prepare
+from .transforms import Transform, sample
 
-__all__ = ["normalise", "resize", "instance_optimisation", "register_tensors", "register_files"]
-
-
-def normalise(image: torch.Tensor, intensity, role: str = "image") -> torch.Tensor:
-    """Map the image's minimum and maximum to the model's training range ``intensity = (low, high)``."""
-    lo, hi = image.min(), image.max()
-    if not hi > lo:
-        raise DataError(f"{role} is constant (every voxel {float(lo):g}); nothing to register")
-    low, high = intensity
-    return low + (image - lo) / (hi - lo) * (high - low)
+__all__ = ["Pair", "read_pair", "Registration", "model_inputs", "instance_optimisation", "register_tensors",
+           "register_pair", "map_physical", "on_fixed_grid", "sample_like_itk", "write_outputs", "register_files", "warp_file"]
 
 
-def resize(image: torch.Tensor, shape) -> torch.Tensor:
-    """Resample to ``shape`` keeping the ``[0, 1]`` domain (corner voxels stay in place)."""
-    if tuple(image.shape[2:]) == tuple(shape):
-        return image
-    mode = "bilinear" if image.ndim == 4 else "trilinear"
-    return F.interpolate(image, size=tuple(shape), mode=mode, align_corners=True)
+@dataclass
+class Pair:
+    """A fixed and a moving image (SimpleITK), with the moving image's optional label map."""
+
+    fixed: sitk.Image
+    moving: sitk.Image
+    moving_labels: sitk.Image | None = None
+
+
+def read_pair(fixed, moving, moving_labels=None, dim: int | None = None) -> Pair:
+    """Read and check a pair of image files (and the moving image's labels)."""
+    fixed_img, moving_img = read_image(fixed, "--fixed"), read_image(moving, "--moving")
+    labels_img = read_image(moving_labels, "--moving-labels") if moving_labels else None
+    dim = dim or fixed_img.GetDimension()
+    for role, img in (("--fixed", fixed_img), ("--moving", moving_img), ("--moving-labels", labels_img)):
+        if img is not None and img.GetDimension() != dim:
+            raise DataError(f"{role} is {img.GetDimension()}D but {dim}D images are registered here")
+    if labels_img is not None:
+        if labels_img.GetSize() != moving_img.GetSize():
+            raise DataError(f"--moving-labels has size {labels_img.GetSize()}, the moving image {moving_img.GetSize()}")
+        labels = sitk.GetArrayViewFromImage(labels_img)
+        if labels.dtype.kind == "f" and not (labels == labels.round()).all():
+            raise DataError(f"--moving-labels {moving_labels} holds non-integer values; expected a label map")
+    return Pair(fixed_img, moving_img, labels_img)
+
+
+def model_inputs(pair: Pair, prep: Preprocessing, size=None) -> tuple[Geometry, torch.Tensor, torch.Tensor]:
+    """The fixed image's model grid and both images prepared on it: ``(grid, moving, fixed)``."""
+    grid = model_grid(pair.fixed, prep, size)
+    g_moving = Geometry.of(pair.moving)
+    inside = g_moving.inside(g_moving.from_physical(grid.to_physical(identity_grid(tuple(reversed(grid.size)), dtype=torch.float64))))
+    if not inside.any():
+        raise DataError("--moving and --fixed do not overlap in physical space (origin, spacing, direction); "
+                        "align them affinely first")
+    return grid, prepare(pair.moving, grid, prep, "--moving"), prepare(pair.fixed, grid, prep, "--fixed")
 
 
 @contextlib.contextmanager
@@ -69,75 +98,128 @@ def instance_optimisation(model, moving, fixed, settings: LossSettings, steps: i
 
 def register_tensors(model, info, moving: torch.Tensor, fixed: torch.Tensor, io_steps: int = 0,
                      io_lr: float = 2e-4) -> Transform:
-    """``Φ_AB`` for tensors ``(1, 1, *spatial)`` of any size; intensities are normalised here."""
+    """``Φ_AB`` for prepared inputs ``(1, 1, *spatial)`` on one model grid."""
     device = next(model.parameters()).device
-    m = resize(normalise(moving, info.intensity, "--moving"), info.shape).to(device)
-    f = resize(normalise(fixed, info.intensity, "--fixed"), info.shape).to(device)
+    m, f = moving.to(device), fixed.to(device)
     with instance_optimisation(model, m, f, settings_from_config(info.config.model), io_steps, io_lr) as tuned, torch.no_grad():
         return tuned(m, f)
 
 
-def register_files(model, info, fixed, moving, warped=None, transform=None, jacobian=None,
-                   moving_labels=None, warped_labels=None, io_steps: int = 0, io_lr: float = 2e-4) -> dict:
-    """Register the files ``moving`` to ``fixed`` with a trained model and write the requested
-    outputs in the fixed image's space. Returns a summary (folds, Jacobian range)."""
+@dataclass
+class Registration:
+    """A pair, the model grid it was registered on, and the map ``Φ`` on that grid's domain."""
+
+    pair: Pair
+    grid: Geometry
+    phi: Transform
+
+
+def register_pair(model, info, pair: Pair, io_steps: int = 0, io_lr: float = 2e-4) -> Registration:
     if io_steps < 0:
         raise UsageError(f"--io-steps: expected a number of steps >= 0, got {io_steps}")
-    pair = read_pair(fixed, moving, moving_labels, warped_labels, dim=info.dim)
-    phi = register_tensors(model, info, pair.moving, pair.fixed, io_steps, io_lr)
-    device = next(model.parameters()).device
-    return write_outputs(pair, phi, device, warped=warped, transform=transform, jacobian=jacobian, warped_labels=warped_labels)
+    fixed_shape = any(s.network == "mlp" for s in info.config.model.steps)
+    grid, m, f = model_inputs(pair, info.preprocess, tuple(reversed(info.shape)) if fixed_shape else None)
+    return Registration(pair, grid, register_tensors(model, info, m, f, io_steps, io_lr))
 
 
 @dataclass
-class Pair:
-    """A fixed and a moving image read from files, with their tensors (and optional moving labels)."""
+class OnFixedGrid:
+    """A registration evaluated at the fixed image's voxels (tensors ``(1, d, *fixed shape)``)."""
 
-    fixed_image: object
-    moving_image: object
-    fixed: torch.Tensor
-    moving: torch.Tensor
-    labels_image: object = None
+    fixed_physical: torch.Tensor  # x: the voxels' physical points
+    moving_physical: torch.Tensor  # y: the physical points they map to
+    moving_domain: torch.Tensor  # y in the moving image's [0, 1] domain
+    det: torch.Tensor  # (1, *(shape - 1)) Jacobian determinant of x -> y (physical volume change)
 
-
-def read_pair(fixed, moving, moving_labels=None, warped_labels=None, dim: int | None = None) -> Pair:
-    """Read and check a pair of image files (and the moving image's labels)."""
-    if (moving_labels is None) != (warped_labels is None):
-        raise UsageError("--moving-labels and --warped-labels go together")
-    fixed_img, moving_img = read_image(fixed, "--fixed"), read_image(moving, "--moving")
-    labels_img = read_image(moving_labels, "--moving-labels") if moving_labels else None
-    dim = dim or fixed_img.GetDimension()
-    for role, img in (("--fixed", fixed_img), ("--moving", moving_img), ("--moving-labels", labels_img)):
-        if img is not None and img.GetDimension() != dim:
-            raise DataError(f"{role} is {img.GetDimension()}D but the model registers {dim}D images")
-    if labels_img is not None and labels_img.GetSize() != moving_img.GetSize():
-        raise DataError(f"--moving-labels has size {labels_img.GetSize()}, the moving image {moving_img.GetSize()}")
-    return Pair(fixed_img, moving_img, image_to_tensor(fixed_img, f"--fixed {fixed}"),
-                image_to_tensor(moving_img, f"--moving {moving}"), labels_img)
+    @property
+    def displacement(self) -> torch.Tensor:
+        return self.moving_physical - self.fixed_physical
 
 
-def write_outputs(pair: Pair, phi: Transform, device, warped=None, transform=None, jacobian=None, warped_labels=None) -> dict:
-    """Write the outputs of a registration ``phi`` (domain coordinates) on the fixed image's grid."""
-    f, m = pair.fixed, pair.moving
-    with torch.no_grad():
-        points = map_on_grid(phi, f.shape[2:], f.to(device)).cpu()
-        g_fixed, g_moving = Geometry.of(pair.fixed_image), Geometry.of(pair.moving_image)
-        # Volume change in physical space; a reflection between the two images' index orders (opposite
-        # direction handedness) is a property of the grids, not a fold, so folds use the domain map.
-        det_domain = jacobian_determinant(points)
-        det = det_domain * abs(g_moving.extent_volume() / g_fixed.extent_volume())
-        summary = {"folds": int((det_domain < 0).sum()), "jacobian_min": float(det.min()), "jacobian_max": float(det.max())}
-        if warped:
-            write_image(warped, sample(m, points)[0, 0], pair.fixed_image, pair.moving_image.GetPixelID())
-        if warped_labels:
-            lab = image_to_tensor(pair.labels_image, "--moving-labels")
-            write_image(warped_labels, sample(lab, points, mode="nearest")[0, 0], pair.fixed_image, pair.labels_image.GetPixelID())
-        if jacobian:
-            padded = F.pad(det[:, None], [0, 1] * (f.ndim - 2), mode="replicate")[0, 0]
-            write_image(jacobian, padded, pair.fixed_image, None)
-        if transform:
-            grid = identity_grid(f.shape[2:])
-            displacement = g_moving.to_physical(points) - g_fixed.to_physical(grid)
-            write_displacement(transform, displacement[0], pair.fixed_image)
+@torch.no_grad()
+def map_physical(reg: Registration, points: torch.Tensor) -> torch.Tensor:
+    """The registration's map on physical points ``(1, d, *S)`` (float64): fixed space -> moving space."""
+    u = reg.grid.from_physical(points.double())
+    return reg.grid.to_physical(reg.phi(u.float()).double())
+
+
+@torch.no_grad()
+def on_fixed_grid(reg: Registration, device=None) -> OnFixedGrid:
+    g_fixed, g_moving = Geometry.of(reg.pair.fixed), Geometry.of(reg.pair.moving)
+    shape = tuple(reversed(g_fixed.size))
+    x = g_fixed.to_physical(identity_grid(shape, device, torch.float64))
+    y = map_physical(reg, x)
+    # The Jacobian in the fixed image's own frame: a reflection between two images' index orders
+    # is a property of their grids, not a fold.
+    det = jacobian_determinant(g_fixed.from_physical(y))
+    return OnFixedGrid(x.float(), y.float(), g_moving.from_physical(y).float(), det.float())
+
+
+def sample_like_itk(image: torch.Tensor, points: torch.Tensor, geometry: Geometry, nearest: bool = False) -> torch.Tensor:
+    """``image (1, 1, *shape)`` at domain ``points`` with ITK's resampling rules (0 outside)."""
+    values = sample(image, points.to(image.dtype), mode="nearest" if nearest else "bilinear")
+    return values * geometry.inside(points)
+
+
+def write_outputs(reg: Registration, device=None, warped=None, transform=None, jacobian=None, warped_labels=None,
+                  figure=None) -> dict:
+    """Write the requested outputs of a registration on the fixed image's grid. Returns a summary."""
+    grid = on_fixed_grid(reg, device)
+    pair, g_fixed, g_moving = reg.pair, Geometry.of(reg.pair.fixed), Geometry.of(reg.pair.moving)
+    det = grid.det
+    summary = {"folds": int((det <= 0).sum()), "folded_percent": 100.0 * float((det <= 0).double().mean()),
+               "jacobian_min": float(det.min()), "jacobian_max": float(det.max())}
+    moving = image_to_tensor(pair.moving, "--moving").to(grid.moving_domain.device)
+    warped_image = sample_like_itk(moving, grid.moving_domain, g_moving)[0, 0]
+    warped_lab = None
+    if pair.moving_labels is not None:
+        labels = image_to_tensor(pair.moving_labels, "--moving-labels").double().to(grid.moving_domain.device)
+        warped_lab = sample_like_itk(labels, grid.moving_domain.double(), g_moving, nearest=True)[0, 0]
+    if warped:
+        write_image(warped, warped_image, pair.fixed, pair.moving.GetPixelID())
+    if warped_labels:
+        if warped_lab is None:
+            raise UsageError("--warped-labels needs --moving-labels")
+        write_image(warped_labels, warped_lab, pair.fixed, pair.moving_labels.GetPixelID())
+    if figure:
+        from .slices import orthogonal_slices_figure
+
+        before = sample_like_itk(moving, g_moving.from_physical(grid.fixed_physical.double()).float(), g_moving)[0, 0]
+        fixed = image_to_tensor(pair.fixed, "--fixed")[0, 0]
+        orthogonal_slices_figure(figure, fixed.numpy(), before.cpu().numpy(), warped_image.cpu().numpy(),
+                                 points=g_fixed.from_physical(grid.moving_physical.double())[0].cpu().numpy(),
+                                 warped_labels=None if warped_lab is None else warped_lab.cpu().numpy(),
+                                 spacing=tuple(reversed(g_fixed.spacing)),
+                                 title=f"folds {summary['folds']}, det J in [{summary['jacobian_min']:.2f}, {summary['jacobian_max']:.2f}]")
+    if jacobian:
+        padded = F.pad(det[:, None], [0, 1] * (det.ndim - 1), mode="replicate")[0, 0]
+        write_image(jacobian, padded, pair.fixed, None)
+    if transform:
+        write_displacement(transform, grid.displacement[0], pair.fixed)
     return summary
 
+
+def register_files(model, info, fixed, moving, warped=None, transform=None, jacobian=None,
+                   moving_labels=None, warped_labels=None, io_steps: int = 0, io_lr: float = 2e-4, figure=None) -> dict:
+    """Register the files ``moving`` to ``fixed`` with a trained model and write the requested
+    outputs in the fixed image's space. Returns a summary (folds, Jacobian range)."""
+    if (moving_labels is None) != (warped_labels is None):
+        raise UsageError("--moving-labels and --warped-labels go together")
+    pair = read_pair(fixed, moving, moving_labels, dim=info.dim)
+    reg = register_pair(model, info, pair, io_steps, io_lr)
+    return write_outputs(reg, next(model.parameters()).device, warped=warped, transform=transform,
+                         jacobian=jacobian, warped_labels=warped_labels, figure=figure)
+
+
+def warp_file(transform, moving, fixed, out, nearest: bool = False) -> None:
+    """Apply a saved transform (``cyclereg register --transform``) to ``moving`` on ``fixed``'s grid,
+    with SimpleITK's resampler (linear, or nearest for label maps; 0 outside), keeping the pixel type."""
+    tx = read_transform(transform)
+    moving_img, fixed_img = read_image(moving, "--moving"), read_image(fixed, "--fixed")
+    for role, img in (("--moving", moving_img), ("--fixed", fixed_img)):
+        if img.GetDimension() != tx.GetDimension():
+            raise DataError(f"{role} is {img.GetDimension()}D but --transform {transform} is {tx.GetDimension()}D")
+    result = sitk.Resample(moving_img, fixed_img, tx, sitk.sitkNearestNeighbor if nearest else sitk.sitkLinear,
+                           0.0, moving_img.GetPixelID())
+    with atomic_path(out) as tmp:
+        sitk.WriteImage(result, str(tmp))

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from .atomic import atomic_path
 from .config import Config
-from .data import dataset_images, fixed_pairs, intensity_range, random_affine, random_pairs
+from .data import training_data
 from .errors import DataError, UsageError
 from .evaluate import score_pairs, summarise
 from .methods import loss_terms, settings_from_config
@@ -104,10 +104,10 @@ def train(cfg: Config, out, resume: bool = False, device=None, progress: bool = 
 
     torch.manual_seed(cfg.train.seed)
     generator = torch.Generator().manual_seed(cfg.train.seed)
-    images = dataset_images(cfg.data, "train")
-    val_moving, val_fixed = fixed_pairs(dataset_images(cfg.data, "heldout"), cfg.data.val_pairs, cfg.data.seed)
-    shape = tuple(images.shape[2:])
-    info = ModelInfo(cfg, shape, intensity_range(cfg.data))
+    data = training_data(cfg.data)
+    val_moving, val_fixed = data.heldout()
+    shape = data.shape
+    info = ModelInfo(cfg, shape, data.preprocess)
     model = build_from_info(info).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, betas=tuple(cfg.train.betas))
     step = _load_checkpoint(ckpt_path, model, optimizer, cfg, generator) if resume else 0
@@ -136,11 +136,7 @@ def train(cfg: Config, out, resume: bool = False, device=None, progress: bool = 
                 model.freeze(stage.trainable)
                 settings = settings_from_config(cfg.model, stage.lam)
                 current = stage
-            idx = random_pairs(len(images), cfg.train.batch_size, generator)
-            moving, fixed = images[idx[:, 0]], images[idx[:, 1]]
-            if cfg.data.augment:
-                moving = random_affine(moving, cfg.data.augment, generator)
-                fixed = random_affine(fixed, cfg.data.augment, generator)
+            moving, fixed = data.batch(cfg.train.batch_size, generator)
             moving, fixed = moving.to(device), fixed.to(device)
             loss, terms = loss_terms(model, moving, fixed, settings)
             if not torch.isfinite(loss):
