@@ -10,7 +10,7 @@ pairs. ``icon_registration`` is also scored at the moment its training time reac
     python benchmarks/table1.py                 # full recipes
     python benchmarks/table1.py --steps 500     # reduced budget (said in the table)
 
-Needs the reference package: ``pip install -c constraints.txt -r benchmarks/requirements-reference.txt``
+Needs the reference package: ``pip install -c constraints.txt icon_registration==1.1.9`` (see ``benchmarks/requirements-reference.txt``)
 then ``pip uninstall -y torchvision``.
 """
 
