@@ -29,7 +29,7 @@ import SimpleITK as sitk
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, SHARED, append_report  # noqa: E402
+from common import SHARED, append_report  # noqa: E402
 
 from cyclereg.augment import random_deformation, random_intensity  # noqa: E402
 from cyclereg.coords import identity_grid  # noqa: E402

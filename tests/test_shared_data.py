@@ -67,7 +67,7 @@ def test_real_brain_labels_survive_registration_with_their_values(tmp_path):
     is the segmentation, every label kept, in its own pixel type."""
     import SimpleITK as sitk
 
-    from cyclereg.modelfile import ModelInfo, build_from_info, save_model
+    from cyclereg.modelfile import ModelInfo, build_from_info
     from cyclereg.preprocess import Preprocessing
     from cyclereg.register import register_files
 

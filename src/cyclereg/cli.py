@@ -117,8 +117,6 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_evaluate(args) -> int:
-    import torch
-
     from .atomic import write_text
     from .modelfile import load_model
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import sys
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -25,11 +25,12 @@ recovered by a map shifted by ``1 / (n - 1)`` along that same component.
 
 from __future__ import annotations
 
+import math
 from functools import lru_cache
 
 import torch
 
-__all__ = ["identity_grid", "to_grid_sample", "voxel_scale", "spatial_dims"]
+__all__ = ["identity_grid", "to_grid_sample", "voxel_scale", "spatial_dims", "check_spacing"]
 
 
 def spatial_dims(tensor: torch.Tensor) -> int:
@@ -71,3 +72,14 @@ def to_grid_sample(points: torch.Tensor) -> torch.Tensor:
     d = points.shape[1]
     grid = points.movedim(1, -1).flip(-1)
     return grid * 2.0 - 1.0 if d else grid
+
+
+def check_spacing(spacing, ndim: int, what: str) -> tuple[float, ...]:
+    """Voxel spacing in mm in tensor axis order (``None``: 1 mm per axis), checked: ``ndim`` finite
+    positive numbers, else a ``ValueError`` naming ``what``."""
+    if spacing is None:
+        return (1.0,) * ndim
+    spacing = tuple(float(s) for s in spacing)
+    if len(spacing) != ndim or not all(math.isfinite(s) and s > 0 for s in spacing):
+        raise ValueError(f"{what} must be {ndim} positive numbers in tensor axis order, got {spacing}")
+    return spacing

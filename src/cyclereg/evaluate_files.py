@@ -22,11 +22,11 @@ import torch
 
 from .atomic import write_text
 from .errors import DataError, UsageError
-from .image_io import Geometry, image_to_tensor, read_image
+from .image_io import Geometry, read_image
 from .label_metrics import folded_percent, hd95, label_volumes, log_jacobian_std
 from .metrics import dice_labels, dice_threshold
 from .preprocess import model_grid, prepare
-from .register import Pair, map_physical, on_fixed_grid, read_pair, register_pair, sample_like_itk
+from .register import Pair, map_physical, on_fixed_grid, read_pair, register_pair, sample_like_itk, warp_image
 
 REQUIRED = ("fixed", "moving")
 
@@ -92,9 +92,8 @@ def _score_pair(model, info, row: dict, labels, io_steps, io_lr) -> dict:
         fixed_labels = sitk.GetArrayFromImage(read_image(row["fixed_labels"], "fixed_labels")).astype(np.int64)
         if fixed_labels.shape != tuple(reversed(g_fixed.size)):
             raise DataError(f"fixed_labels {row['fixed_labels']} does not have the fixed image's size")
-        moving_labels = image_to_tensor(pair.moving_labels, "moving_labels").double().to(device)
-        warped = sample_like_itk(moving_labels, grid.moving_domain.double(), g_moving, nearest=True)
-        warped = warped[0, 0].round().long().cpu().numpy()
+        warped = warp_image(pair.moving_labels, grid.moving_domain, nearest=True, role="moving_labels")
+        warped = warped.round().long().cpu().numpy()
         chosen = labels or sorted(int(v) for v in np.unique(fixed_labels) if v != 0)
         dice = dice_labels(torch.from_numpy(warped)[None], torch.from_numpy(fixed_labels)[None], chosen)[0].numpy()
         dist = hd95(warped, fixed_labels, chosen, spacing)

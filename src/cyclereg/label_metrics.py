@@ -14,16 +14,9 @@ import math
 import numpy as np
 import SimpleITK as sitk
 
+from .coords import check_spacing
+
 __all__ = ["hd95", "label_volumes", "log_jacobian_std", "folded_percent"]
-
-
-def _spacing(spacing, ndim: int, where: str) -> tuple[float, ...]:
-    if spacing is None:
-        return (1.0,) * ndim
-    spacing = tuple(float(s) for s in spacing)
-    if len(spacing) != ndim or not all(math.isfinite(s) and s > 0 for s in spacing):
-        raise ValueError(f"{where}: spacing must be {ndim} positive numbers in tensor axis order, got {spacing}")
-    return spacing
 
 
 def _surface(mask: np.ndarray) -> np.ndarray:
@@ -66,7 +59,7 @@ def hd95(a, b, labels, spacing=None, percentile: float = 95.0) -> np.ndarray:
     a, b = np.asarray(a), np.asarray(b)
     if a.shape != b.shape or a.ndim not in (2, 3):
         raise ValueError(f"hd95: a and b must be 2D or 3D label maps of one shape, got {a.shape} and {b.shape}")
-    spacing = _spacing(spacing, a.ndim, "hd95")
+    spacing = check_spacing(spacing, a.ndim, "hd95: spacing")
     out = np.full(len(labels), np.nan)
     for i, label in enumerate(labels):
         ma, mb = a == label, b == label
@@ -88,7 +81,7 @@ def hd95(a, b, labels, spacing=None, percentile: float = 95.0) -> np.ndarray:
 def label_volumes(labels_array, labels, spacing=None) -> np.ndarray:
     """Volume in mm³ (area in mm² in 2D) of each label: voxel count × voxel volume, ``(len(labels),)``."""
     labels_array = np.asarray(labels_array)
-    voxel = math.prod(_spacing(spacing, labels_array.ndim, "label_volumes"))
+    voxel = math.prod(check_spacing(spacing, labels_array.ndim, "label_volumes: spacing"))
     return np.array([np.count_nonzero(labels_array == label) * voxel for label in labels], dtype=np.float64)
 
 

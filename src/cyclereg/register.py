@@ -24,12 +24,13 @@ from .errors import DataError, UsageError
 from .atomic import atomic_path
 from .image_io import Geometry, image_to_tensor, read_image, read_transform, write_displacement, write_image
 from .methods import LossSettings, loss_terms, settings_from_config
+from .label_metrics import folded_percent
 from .metrics import jacobian_determinant
 from .preprocess import Preprocessing, model_grid, prepare
 from .transforms import Transform, sample
 
 __all__ = ["Pair", "read_pair", "Registration", "model_inputs", "instance_optimisation", "register_tensors",
-           "register_pair", "map_physical", "on_fixed_grid", "sample_like_itk", "write_outputs", "register_files", "warp_file"]
+           "register_pair", "map_physical", "on_fixed_grid", "sample_like_itk", "warp_image", "write_outputs", "register_files", "warp_file"]
 
 
 @dataclass
@@ -161,20 +162,26 @@ def sample_like_itk(image: torch.Tensor, points: torch.Tensor, geometry: Geometr
     return values * geometry.inside(points)
 
 
+def warp_image(image: sitk.Image, points: torch.Tensor, nearest: bool = False, role: str = "--moving") -> torch.Tensor:
+    """``image`` at its domain ``points (1, d, *S)`` with ITK's rules: a tensor ``S`` (float64 when
+    ``nearest``, so that label values stay exact)."""
+    dtype = torch.float64 if nearest else torch.float32
+    values = image_to_tensor(image, role).to(points.device, dtype)
+    return sample_like_itk(values, points.to(dtype), Geometry.of(image), nearest)[0, 0]
+
+
 def write_outputs(reg: Registration, device=None, warped=None, transform=None, jacobian=None, warped_labels=None,
                   figure=None) -> dict:
     """Write the requested outputs of a registration on the fixed image's grid. Returns a summary."""
     grid = on_fixed_grid(reg, device)
     pair, g_fixed, g_moving = reg.pair, Geometry.of(reg.pair.fixed), Geometry.of(reg.pair.moving)
     det = grid.det
-    summary = {"folds": int((det <= 0).sum()), "folded_percent": 100.0 * float((det <= 0).double().mean()),
+    summary = {"folds": int((det <= 0).sum()), "folded_percent": folded_percent(det.cpu().numpy()),
                "jacobian_min": float(det.min()), "jacobian_max": float(det.max())}
-    moving = image_to_tensor(pair.moving, "--moving").to(grid.moving_domain.device)
-    warped_image = sample_like_itk(moving, grid.moving_domain, g_moving)[0, 0]
+    warped_image = warp_image(pair.moving, grid.moving_domain) if warped or figure else None
     warped_lab = None
-    if pair.moving_labels is not None:
-        labels = image_to_tensor(pair.moving_labels, "--moving-labels").double().to(grid.moving_domain.device)
-        warped_lab = sample_like_itk(labels, grid.moving_domain.double(), g_moving, nearest=True)[0, 0]
+    if pair.moving_labels is not None and (warped_labels or figure):
+        warped_lab = warp_image(pair.moving_labels, grid.moving_domain, nearest=True, role="--moving-labels")
     if warped:
         write_image(warped, warped_image, pair.fixed, pair.moving.GetPixelID())
     if warped_labels:
@@ -184,7 +191,7 @@ def write_outputs(reg: Registration, device=None, warped=None, transform=None, j
     if figure:
         from .slices import orthogonal_slices_figure
 
-        before = sample_like_itk(moving, g_moving.from_physical(grid.fixed_physical.double()).float(), g_moving)[0, 0]
+        before = warp_image(pair.moving, g_moving.from_physical(grid.fixed_physical.double()))
         fixed = image_to_tensor(pair.fixed, "--fixed")[0, 0]
         orthogonal_slices_figure(figure, fixed.numpy(), before.cpu().numpy(), warped_image.cpu().numpy(),
                                  points=g_fixed.from_physical(grid.moving_physical.double())[0].cpu().numpy(),

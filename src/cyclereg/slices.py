@@ -16,6 +16,7 @@ import numpy as np  # noqa: E402
 from matplotlib.colors import ListedColormap  # noqa: E402
 
 from .atomic import atomic_path  # noqa: E402
+from .coords import check_spacing  # noqa: E402
 from .figures import draw_grid  # noqa: E402
 
 __all__ = ["orthogonal_slices_figure"]
@@ -32,15 +33,6 @@ def _check(name: str, array, shape, lead=()) -> np.ndarray | None:
         expected = "(" + ", ".join(str(n) for n in (*lead, *shape)) + ")"
         raise ValueError(f"orthogonal_slices_figure: {name} has shape {array.shape}, expected {expected} (the fixed grid)")
     return array
-
-
-def _spacing(name: str, spacing, ndim: int) -> tuple[float, ...]:
-    if spacing is None:
-        return (1.0,) * ndim
-    spacing = tuple(float(s) for s in spacing)
-    if len(spacing) != ndim or not all(np.isfinite(s) and s > 0 for s in spacing):
-        raise ValueError(f"orthogonal_slices_figure: {name} must be {ndim} positive numbers in tensor axis order, got {spacing}")
-    return spacing
 
 
 def _slice(array: np.ndarray, axis: int | None) -> np.ndarray:
@@ -85,8 +77,8 @@ def orthogonal_slices_figure(path, fixed, moving, warped, points=None, fixed_lab
     points = _check("points", points, shape, lead=(ndim,))
     fixed_labels = _check("fixed_labels", fixed_labels, shape)
     warped_labels = _check("warped_labels", warped_labels, shape)
-    spacing = _spacing("spacing", spacing, ndim)
-    moving_spacing = spacing if moving_spacing is None else _spacing("moving_spacing", moving_spacing, ndim)
+    spacing = check_spacing(spacing, ndim, "orthogonal_slices_figure: spacing")
+    moving_spacing = spacing if moving_spacing is None else check_spacing(moving_spacing, ndim, "orthogonal_slices_figure: moving_spacing")
 
     axes_through = list(range(3)) if ndim == 3 else [None]
     columns = ["fixed", "moving", "warped moving", "|warped - fixed|"] + (["map"] if points is not None else [])

@@ -8,7 +8,6 @@ states; written atomically every ``train.checkpoint_every`` steps and on Ctrl-C)
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
