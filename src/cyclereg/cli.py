@@ -18,11 +18,18 @@ from .errors import CycleregError, UsageError
 IO_LR = 2e-4
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with errors in cyclereg's one-line form (exit code 2)."""
+
+    def error(self, message):
+        self.exit(2, f"cyclereg: error: {message} (see '{self.prog} --help')\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="cyclereg", description="Unsupervised deformable image registration with inverse and cycle consistency.")
+    p = _Parser(prog="cyclereg", description="Unsupervised deformable image registration with inverse and cycle consistency.")
     p.add_argument("--version", action="version", version=f"cyclereg {__version__}")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     demo = sub.add_parser("demo", help="train on synthetic triangles & circles for a few minutes and show the result")
     demo.add_argument("--out", default="cyclereg-demo", help="output folder (default: %(default)s)")
@@ -117,7 +124,7 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_evaluate(args) -> int:
-    from .atomic import write_text
+    from .atomic import check_output, write_text
     from .modelfile import load_model
 
     if args.pairs < 1:
@@ -125,8 +132,8 @@ def _cmd_evaluate(args) -> int:
     if args.io_steps < 0 or args.io_lr <= 0:
         raise UsageError(f"--io-steps must be >= 0 and --io-lr > 0, got {args.io_steps} and {args.io_lr}")
     for name, out in (("--json", args.json), ("--per-pair", args.per_pair)):
-        if out and not Path(out).resolve().parent.is_dir():
-            raise UsageError(f"{name} {out}: folder {Path(out).parent} does not exist")
+        if out:
+            check_output(out, name)
     model, info = load_model(args.model, _device(args.device))
     if args.pairs_csv:
         from .evaluate_files import evaluate_csv, parse_labels
@@ -178,7 +185,8 @@ def _cmd_register(args) -> int:
     from .modelfile import load_model
     from .register import register_files
 
-    _check_outputs([args.warped, args.transform, args.warped_labels, args.jacobian, args.figure])
+    _check_outputs({"--warped": args.warped, "--transform": args.transform, "--warped-labels": args.warped_labels,
+                    "--jacobian": args.jacobian, "--figure": args.figure})
     model, info = load_model(args.model, _device(args.device))
     summary = register_files(model, info, args.fixed, args.moving, warped=args.warped, transform=args.transform,
                              jacobian=args.jacobian, moving_labels=args.moving_labels,
@@ -191,7 +199,7 @@ def _cmd_register(args) -> int:
 def _cmd_warp(args) -> int:
     from .register import warp_file
 
-    _check_outputs([args.out])
+    _check_outputs({"--out": args.out})
     warp_file(args.transform, args.moving, args.fixed, args.out, nearest=args.nearest)
     print(f"warped image written to {args.out}")
     return 0
@@ -207,8 +215,7 @@ def _cmd_optimize(args) -> int:
         raise UsageError(f"--steps: expected at least 1, got {args.steps}")
     if args.lam < 0 or args.noise < 0 or args.lr <= 0:
         raise UsageError("--lambda and --noise must be >= 0 and --lr > 0")
-    outputs = [args.warped, args.transform, args.jacobian]
-    _check_outputs(outputs)
+    _check_outputs({"--warped": args.warped, "--transform": args.transform, "--jacobian": args.jacobian})
     pair = read_pair(args.fixed, args.moving)
     device = _device(args.device)
     grid, m, f = model_inputs(pair, Preprocessing())  # the fixed image's own grid, intensities in [0, 1]
@@ -221,12 +228,15 @@ def _cmd_optimize(args) -> int:
     return 0
 
 
-def _check_outputs(outputs) -> None:
-    if not any(outputs):
-        raise UsageError("name at least one output (--warped, --transform, --jacobian, ...)")
-    for out in filter(None, outputs):
-        if not Path(out).resolve().parent.is_dir():
-            raise UsageError(f"output {out}: folder {Path(out).parent} does not exist")
+def _check_outputs(outputs: dict) -> None:
+    """``outputs``: option -> path (or None). At least one is needed, each in a writable folder."""
+    from .atomic import check_output
+
+    if not any(outputs.values()):
+        raise UsageError(f"name at least one output ({', '.join(outputs)})")
+    for option, out in outputs.items():
+        if out:
+            check_output(out, option)
 
 
 def _cmd_demo(args) -> int:

@@ -232,4 +232,7 @@ def load_config(path, overrides=()) -> Config:
         raise UsageError(f"config file {path} is a folder, expected a TOML file") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
         raise UsageError(f"config file {path} is not valid TOML: {err}") from None
-    return config_from_dict(apply_overrides(raw, overrides))
+    try:
+        return config_from_dict(apply_overrides(raw, overrides))
+    except UsageError as err:
+        raise UsageError(f"{path}: {err}") from None

@@ -21,12 +21,12 @@ import SimpleITK as sitk
 import torch
 
 from .atomic import write_text
-from .errors import DataError, UsageError
+from .errors import CycleregError, DataError, UsageError
 from .image_io import Geometry, read_image
 from .label_metrics import folded_percent, hd95, label_volumes, log_jacobian_std
 from .metrics import dice_labels, dice_threshold
 from .preprocess import model_grid, prepare
-from .register import Pair, map_physical, on_fixed_grid, read_pair, register_pair, sample_like_itk, warp_image
+from .register import map_physical, on_fixed_grid, read_pair, register_pair, sample_like_itk, warp_image
 
 REQUIRED = ("fixed", "moving")
 
@@ -49,7 +49,11 @@ def read_pairs_csv(path) -> list[dict]:
             for i, row in enumerate(reader, start=2):
                 if not row.get("fixed") or not row.get("moving"):
                     raise DataError(f"--pairs-csv {path}, line {i}: empty fixed or moving path")
-                rows.append({k: (str(path.parent / v) if v else "") for k, v in row.items() if k})
+                row = {k: (str(path.parent / v) if v else "") for k, v in row.items() if k}
+                for column in ("fixed", "moving", "fixed_labels", "moving_labels"):  # fail before any work
+                    if row.get(column) and not Path(row[column]).exists():
+                        raise DataError(f"--pairs-csv {path}, line {i}: {column} {row[column]} does not exist")
+                rows.append(row)
     except (UnicodeDecodeError, csv.Error) as err:
         raise DataError(f"--pairs-csv {path} is not a readable CSV file ({err})") from None
     if not rows:
@@ -73,14 +77,15 @@ def parse_labels(text: str | None) -> list[int] | None:
 
 def _score_pair(model, info, row: dict, labels, io_steps, io_lr) -> dict:
     device = next(model.parameters()).device
-    pair = read_pair(row["fixed"], row["moving"], row.get("moving_labels") or None, dim=info.dim)
+    pair = read_pair(row["fixed"], row["moving"], row.get("moving_labels") or None, dim=info.dim,
+                     names=("fixed", "moving", "moving_labels"))
     t0 = time.perf_counter()
     reg = register_pair(model, info, pair, io_steps, io_lr)
     grid = on_fixed_grid(reg, device)
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
-    reverse = register_pair(model, info, Pair(pair.moving, pair.fixed), io_steps, io_lr)
+    reverse = register_pair(model, info, pair.reversed(), io_steps, io_lr)
     back = map_physical(reverse, grid.moving_physical.double())
     g_fixed, g_moving = Geometry.of(pair.fixed), Geometry.of(pair.moving)
     spacing = tuple(reversed(g_fixed.spacing))
@@ -122,8 +127,12 @@ def evaluate_csv(model, info, csv_path, io_steps: int = 0, io_lr: float = 2e-4, 
     from tqdm import tqdm
 
     rows = read_pairs_csv(csv_path)
-    results = [_score_pair(model, info, row, labels, io_steps, io_lr)
-               for row in tqdm(rows, desc="evaluate", disable=not progress, dynamic_ncols=True)]
+    results = []
+    for line, row in enumerate(tqdm(rows, desc="evaluate", disable=not progress, dynamic_ncols=True), start=2):
+        try:
+            results.append(_score_pair(model, info, row, labels, io_steps, io_lr))
+        except CycleregError as err:
+            raise type(err)(f"--pairs-csv {csv_path}, line {line}: {err}") from None
     if per_pair:
         columns = list(dict.fromkeys(k for r in results for k in r))
         buffer = io.StringIO()

@@ -9,6 +9,13 @@ A domain coordinate ``u`` (tensor order, ``[0, 1]``) of an image is the physical
 
 from __future__ import annotations
 
+import contextlib
+import gzip
+import os
+import re
+import sys
+import tempfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,39 +33,123 @@ __all__ = ["read_image", "image_to_tensor", "Geometry", "write_image", "read_tra
 
 
 def read_image(path, role: str = "image") -> sitk.Image:
-    """Read a scalar 2D or 3D image with SimpleITK; errors name ``role`` (``--fixed``...) and the file."""
+    """Read a scalar 2D or 3D image with SimpleITK; errors name ``role`` (``--fixed``...) and the file.
+
+    The header is checked before any voxel is read (dimension, size, memory), a gzip stream must be
+    complete, and every voxel must be finite."""
     path = Path(path)
+    name = f"{role} {path}"
     if not path.exists():
-        raise DataError(f"{role} {path} does not exist")
-    try:
-        if path.is_dir():
-            image = _read_dicom_series(path, role)
-        elif path.stat().st_size == 0:
-            raise DataError(f"{role} {path} is an empty file")
-        else:
-            image = sitk.ReadImage(str(path))
-    except RuntimeError as err:
-        first = str(err).strip().splitlines()[-1] if str(err).strip() else "unknown format"
-        raise DataError(f"{role} {path} cannot be read as an image ({first})") from None
-    if image.GetNumberOfComponentsPerPixel() != 1:
-        raise DataError(f"{role} {path} has {image.GetNumberOfComponentsPerPixel()} components per pixel; expected a scalar image")
-    if image.GetDimension() not in (2, 3):
-        raise DataError(f"{role} {path} is {image.GetDimension()}D; expected a 2D or 3D image")
-    if min(image.GetSize()) < 2:
-        raise DataError(f"{role} {path} has size {image.GetSize()}; every axis needs at least 2 voxels")
+        raise DataError(f"{name} does not exist")
+    if path.is_dir():
+        image = _read_dicom_series(path, role)
+    else:
+        if path.stat().st_size == 0:
+            raise DataError(f"{name} is an empty file")
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(path))
+        with _itk_messages(name, "cannot be read as an image"):
+            reader.ReadImageInformation()
+        _check_header(name, reader.GetDimension(), reader.GetSize(), reader.GetNumberOfComponents())
+        if path.suffix.lower() == ".gz":
+            _check_gzip(path, name)
+        if path.name.lower().endswith((".nii", ".nii.gz")) and reader.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64):
+            _check_nifti_finite(path, name)
+        with _itk_messages(name, "cannot be read as an image"):
+            image = reader.Execute()
+    _check_header(name, image.GetDimension(), image.GetSize(), image.GetNumberOfComponentsPerPixel())
+    array = sitk.GetArrayViewFromImage(image)
+    if array.dtype.kind == "f":
+        bad = int(array.size - np.count_nonzero(np.isfinite(array)))
+        if bad:
+            raise DataError(f"{name} holds {bad} NaN or infinite voxel(s); expected finite values")
     return image
+
+
+def _check_header(name: str, dim: int, size, components: int) -> None:
+    if components != 1:
+        raise DataError(f"{name} has {components} components per pixel; expected a scalar image")
+    if dim not in (2, 3):
+        raise DataError(f"{name} is {dim}D; expected a 2D or 3D image")
+    if min(size) < 2:
+        raise DataError(f"{name} has size {tuple(size)}; every axis needs at least 2 voxels")
+    needed = 4 * float(np.prod(size, dtype=np.float64))  # as float32
+    if needed > _memory_bytes():
+        raise DataError(f"{name} claims a size of {' x '.join(map(str, size))} voxels ({needed / 1e9:.3g} GB as float32), "
+                        f"more than this machine's memory ({_memory_bytes() / 1e9:.3g} GB)")
+
+
+def _memory_bytes() -> float:
+    try:
+        return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - not POSIX
+        return float("inf")
+
+
+def _check_gzip(path: Path, name: str) -> None:
+    """A gzip file must decompress to its end: SimpleITK reads a truncated one without complaint."""
+    try:
+        with gzip.open(path, "rb") as f:
+            while f.read(1 << 24):
+                pass
+    except (EOFError, OSError, zlib.error) as err:
+        raise DataError(f"{name} is a damaged or truncated gzip file ({err})") from None
+
+
+def _check_nifti_finite(path: Path, name: str) -> None:
+    """ITK's NIfTI reader (before ITK 6) turns NaN and infinite voxels into 0 without a word, so
+    NIfTI files with float voxels are checked with nibabel, which reads the stored values."""
+    import nibabel
+
+    try:
+        values = np.asanyarray(nibabel.load(str(path)).dataobj)
+    except Exception as err:  # noqa: BLE001 - nibabel raises many types for damaged files
+        raise DataError(f"{name} cannot be read as a NIfTI image ({err})") from None
+    bad = int(values.size - np.count_nonzero(np.isfinite(values)))
+    if bad:
+        raise DataError(f"{name} holds {bad} NaN or infinite voxel(s); expected finite values")
+
+
+@contextlib.contextmanager
+def _itk_messages(name: str, what: str, show_warnings: bool = True):
+    """Turn SimpleITK's exceptions into one-line :class:`DataError` naming the file, and hold back
+    what ITK's C libraries print on stderr while reading: shown if the read succeeds and
+    ``show_warnings``, dropped if it fails (the error says it in one line)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        failed = None
+        try:
+            yield
+        except RuntimeError as err:
+            failed = err
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        if failed is not None:
+            lines = [line for line in str(failed).strip().splitlines() if line.strip()]
+            reason = re.sub(r"^(sitk::ERROR|ITK ERROR): (\w+\(0x[0-9a-f]+\): )?", "", lines[-1] if lines else "unknown format")
+            raise DataError(f"{name} {what} ({reason.strip()})") from None
+        captured.seek(0)
+        text = captured.read().decode(errors="replace")
+        if text and show_warnings:
+            sys.stderr.write(text)
 
 
 def _read_dicom_series(folder: Path, role: str) -> sitk.Image:
     """A folder is read as a DICOM series (the only series in it)."""
-    series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    name = f"{role} {folder}"
+    with _itk_messages(name, "cannot be read as a DICOM series", show_warnings=False):  # "no series found"
+        series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
     if not series:
-        raise DataError(f"{role} {folder} is a folder without a DICOM series; expected an image file or a DICOM folder")
+        raise DataError(f"{name} is a folder without a DICOM series; expected an image file or a DICOM folder")
     if len(series) > 1:
-        raise DataError(f"{role} {folder} holds {len(series)} DICOM series; expected one")
+        raise DataError(f"{name} holds {len(series)} DICOM series; expected one")
     reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series[0]))
-    return reader.Execute()
+    with _itk_messages(name, "cannot be read as a DICOM series"):
+        reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series[0]))
+        return reader.Execute()
 
 
 def image_to_tensor(image: sitk.Image, role: str = "image") -> torch.Tensor:
@@ -148,12 +239,10 @@ def read_transform(path) -> sitk.Transform:
     if not path.is_file():
         raise DataError(f"--transform {path} does not exist" if not path.exists() else f"--transform {path} is not a file")
     suffix = "".join(path.suffixes).lower()
-    try:
+    with _itk_messages(f"--transform {path}", "cannot be read as a transform"):
         if suffix.endswith((".h5", ".hdf5", ".tfm", ".txt", ".mat")):
             return sitk.ReadTransform(str(path))
         field = sitk.ReadImage(str(path))
-    except RuntimeError as err:
-        raise DataError(f"--transform {path} cannot be read as a transform ({str(err).strip().splitlines()[-1]})") from None
     if field.GetNumberOfComponentsPerPixel() != field.GetDimension():
         raise DataError(f"--transform {path} is not a displacement field (expected {field.GetDimension()} components per voxel)")
     return sitk.DisplacementFieldTransform(sitk.Cast(field, sitk.sitkVectorFloat64))

@@ -40,23 +40,31 @@ class Pair:
     fixed: sitk.Image
     moving: sitk.Image
     moving_labels: sitk.Image | None = None
+    fixed_name: str = "--fixed"  # how errors name the images: the option and the file
+    moving_name: str = "--moving"
+
+    def reversed(self) -> "Pair":
+        return Pair(self.moving, self.fixed, fixed_name=self.moving_name, moving_name=self.fixed_name)
 
 
-def read_pair(fixed, moving, moving_labels=None, dim: int | None = None) -> Pair:
-    """Read and check a pair of image files (and the moving image's labels)."""
-    fixed_img, moving_img = read_image(fixed, "--fixed"), read_image(moving, "--moving")
-    labels_img = read_image(moving_labels, "--moving-labels") if moving_labels else None
-    dim = dim or fixed_img.GetDimension()
-    for role, img in (("--fixed", fixed_img), ("--moving", moving_img), ("--moving-labels", labels_img)):
-        if img is not None and img.GetDimension() != dim:
-            raise DataError(f"{role} is {img.GetDimension()}D but {dim}D images are registered here")
+def read_pair(fixed, moving, moving_labels=None, dim: int | None = None, names=("--fixed", "--moving", "--moving-labels")) -> Pair:
+    """Read and check a pair of image files (and the moving image's labels). ``dim`` is the model's
+    dimension; ``names`` are the options (or CSV columns) that errors name beside the files."""
+    fixed_img, moving_img = read_image(fixed, names[0]), read_image(moving, names[1])
+    labels_img = read_image(moving_labels, names[2]) if moving_labels else None
+    expected = dim or fixed_img.GetDimension()
+    for role, path, img in zip(names, (fixed, moving, moving_labels), (fixed_img, moving_img, labels_img)):
+        if img is not None and img.GetDimension() != expected:
+            against = f"the model registers {dim}D images" if dim else f"{names[0]} is {expected}D"
+            raise DataError(f"{role} {path} is {img.GetDimension()}D but {against}")
     if labels_img is not None:
         if labels_img.GetSize() != moving_img.GetSize():
-            raise DataError(f"--moving-labels has size {labels_img.GetSize()}, the moving image {moving_img.GetSize()}")
+            raise DataError(f"{names[2]} {moving_labels} has size {labels_img.GetSize()}, "
+                            f"the moving image {moving_img.GetSize()}")
         labels = sitk.GetArrayViewFromImage(labels_img)
         if labels.dtype.kind == "f" and not (labels == labels.round()).all():
-            raise DataError(f"--moving-labels {moving_labels} holds non-integer values; expected a label map")
-    return Pair(fixed_img, moving_img, labels_img)
+            raise DataError(f"{names[2]} {moving_labels} holds non-integer values; expected a label map")
+    return Pair(fixed_img, moving_img, labels_img, f"{names[0]} {fixed}", f"{names[1]} {moving}")
 
 
 def model_inputs(pair: Pair, prep: Preprocessing, size=None) -> tuple[Geometry, torch.Tensor, torch.Tensor]:
@@ -65,9 +73,9 @@ def model_inputs(pair: Pair, prep: Preprocessing, size=None) -> tuple[Geometry, 
     g_moving = Geometry.of(pair.moving)
     inside = g_moving.inside(g_moving.from_physical(grid.to_physical(identity_grid(tuple(reversed(grid.size)), dtype=torch.float64))))
     if not inside.any():
-        raise DataError("--moving and --fixed do not overlap in physical space (origin, spacing, direction); "
-                        "align them affinely first")
-    return grid, prepare(pair.moving, grid, prep, "--moving"), prepare(pair.fixed, grid, prep, "--fixed")
+        raise DataError(f"{pair.moving_name} and {pair.fixed_name} do not overlap in physical space "
+                        "(origin, spacing, direction); align them affinely first")
+    return grid, prepare(pair.moving, grid, prep, pair.moving_name), prepare(pair.fixed, grid, prep, pair.fixed_name)
 
 
 @contextlib.contextmanager
@@ -223,9 +231,9 @@ def warp_file(transform, moving, fixed, out, nearest: bool = False) -> None:
     with SimpleITK's resampler (linear, or nearest for label maps; 0 outside), keeping the pixel type."""
     tx = read_transform(transform)
     moving_img, fixed_img = read_image(moving, "--moving"), read_image(fixed, "--fixed")
-    for role, img in (("--moving", moving_img), ("--fixed", fixed_img)):
+    for role, path, img in (("--moving", moving, moving_img), ("--fixed", fixed, fixed_img)):
         if img.GetDimension() != tx.GetDimension():
-            raise DataError(f"{role} is {img.GetDimension()}D but --transform {transform} is {tx.GetDimension()}D")
+            raise DataError(f"{role} {path} is {img.GetDimension()}D but --transform {transform} is {tx.GetDimension()}D")
     result = sitk.Resample(moving_img, fixed_img, tx, sitk.sitkNearestNeighbor if nearest else sitk.sitkLinear,
                            0.0, moving_img.GetPixelID())
     with atomic_path(out) as tmp:

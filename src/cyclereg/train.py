@@ -8,7 +8,9 @@ states; written atomically every ``train.checkpoint_every`` steps and on Ctrl-C)
 from __future__ import annotations
 
 import json
+import pickle
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,14 +61,24 @@ def _save_checkpoint(path: Path, model, optimizer, step: int, cfg: Config, gener
         torch.save(state, tmp)
 
 
-def _load_checkpoint(path: Path, model, optimizer, cfg: Config, generator: torch.Generator) -> int:
+def _read_checkpoint(path: Path, cfg: Config) -> dict:
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about the pickle protocol of a foreign file
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)  # never unpickles arbitrary objects
+    except pickle.UnpicklingError:
+        raise DataError(f"checkpoint {path} cannot be read: it is not a PyTorch checkpoint; "
+                        "cyclereg never unpickles arbitrary objects") from None
     except Exception as err:  # noqa: BLE001 - any unreadable checkpoint is a data error
-        raise DataError(f"checkpoint {path} cannot be read: {err}") from None
-    saved = state.get("config", {})
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DataError(f"checkpoint {path} cannot be read ({first})") from None
+    saved = state.get("config", {}) if isinstance(state, dict) else {}
     if saved.get("model") != cfg.to_dict()["model"] or saved.get("data") != cfg.to_dict()["data"]:
         raise UsageError(f"--resume: checkpoint {path} was trained with another model or data config")
+    return state
+
+
+def _restore(state: dict, model, optimizer, generator: torch.Generator) -> int:
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["torch_rng"])
@@ -93,7 +105,12 @@ def _trim_log(path: Path, step: int) -> None:
 def train(cfg: Config, out, resume: bool = False, device=None, progress: bool = True) -> Path:
     """Train the model described by ``cfg`` into folder ``out``; returns the model file's path."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file; expected a folder for the run")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UsageError(f"--out {out}: cannot create the folder ({err.strerror})") from None
     device = torch.device(device) if device else default_device()
     ckpt_path, log_path, model_path = out / "checkpoint.pt", out / "log.jsonl", out / "model.safetensors"
     if resume and not ckpt_path.exists():
@@ -101,6 +118,7 @@ def train(cfg: Config, out, resume: bool = False, device=None, progress: bool = 
     if not resume and ckpt_path.exists():
         raise UsageError(f"{out} already holds a run (checkpoint.pt); use --resume or another --out")
 
+    saved = _read_checkpoint(ckpt_path, cfg) if resume else None  # before any slow work
     torch.manual_seed(cfg.train.seed)
     generator = torch.Generator().manual_seed(cfg.train.seed)
     data = training_data(cfg.data)
@@ -109,7 +127,7 @@ def train(cfg: Config, out, resume: bool = False, device=None, progress: bool = 
     info = ModelInfo(cfg, shape, data.preprocess)
     model = build_from_info(info).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, betas=tuple(cfg.train.betas))
-    step = _load_checkpoint(ckpt_path, model, optimizer, cfg, generator) if resume else 0
+    step = _restore(saved, model, optimizer, generator) if resume else 0
     _trim_log(log_path, step)
     stages = stage_schedule(cfg)
     total = cfg.train.steps
