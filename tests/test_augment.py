@@ -8,7 +8,7 @@ import itertools
 import pytest
 import torch
 
-from cyclereg.augment import (AffineMap, AugmentSettings, apply_flips_permutation, augment_pair, exp_velocity,
+from cyclereg.augment import (AugmentSettings, apply_flips_permutation, augment_pair, exp_velocity,
                               random_affine_map, random_deformation, random_flips_permutation, random_intensity,
                               random_velocity)
 from cyclereg.coords import identity_grid, voxel_scale

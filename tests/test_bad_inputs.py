@@ -7,7 +7,6 @@ to check that nothing else reaches the terminal (ITK's C libraries print on stde
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import pickle

@@ -1,6 +1,5 @@
 """Similarities and regularisers (cyclereg.losses)."""
 
-import math
 
 import pytest
 import torch

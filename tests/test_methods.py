@@ -11,7 +11,7 @@ from cyclereg.losses import inverse_consistency, random_points
 from cyclereg.methods import LossSettings, RegistrationModel, Step, build_model, downsample, loss_terms
 from cyclereg.modelfile import build_from_info, load_model
 from cyclereg.train import train
-from cyclereg.transforms import Composed, DisplacementField, warp
+from cyclereg.transforms import Composed, warp
 
 from conftest import smooth_image
 

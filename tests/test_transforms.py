@@ -128,7 +128,6 @@ def test_sample_shares_points_of_batch_one(dim, shape):
 
 def _off_grid_points(shape, n, extra):
     """Points strictly inside the domain at fractional voxel offsets in [0.2, 0.8] (no grid-node kinks)."""
-    d = len(shape)
     points = []
     for n_k in shape:
         cell = torch.randint(0, n_k - 1, (n, *extra))

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 from . import __version__
 from .errors import CycleregError, UsageError
@@ -172,11 +171,12 @@ def _evaluate_dataset(model, info, args) -> dict:
     if tuple(images.shape[2:]) != tuple(info.shape):
         raise UsageError(f"the model registers images of shape {tuple(info.shape)}, the dataset has {tuple(images.shape[2:])}")
     moving, fixed = fixed_pairs(images, args.pairs, args.seed)
-    register = None
-    if args.io_steps:
-        def register(m, f):
-            with instance_optimisation(model, m, f, settings_from_config(info.config.model), args.io_steps, args.io_lr) as tuned:
-                return tuned(m, f), tuned(f, m)
+
+    def tuned_pair(m, f):
+        with instance_optimisation(model, m, f, settings_from_config(info.config.model), args.io_steps, args.io_lr) as tuned:
+            return tuned(m, f), tuned(f, m)
+
+    register = tuned_pair if args.io_steps else None
     batch = 1 if args.io_steps else 64
     return summarise(score_pairs(model, moving, fixed, batch_size=batch, register=register), info.shape)
 
