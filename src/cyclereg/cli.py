@@ -11,7 +11,7 @@ import json
 import sys
 
 from . import __version__
-from .errors import CycleregError, UsageError
+from .errors import CycleregError, Interrupted, UsageError
 
 
 IO_LR = 2e-4
@@ -259,6 +259,9 @@ def main(argv=None) -> int:
             raise
         print(f"cyclereg: error: {err}", file=sys.stderr)
         return err.exit_code
+    except Interrupted as stop:
+        print(f"cyclereg: {stop}", file=sys.stderr)
+        return stop.exit_code
     except KeyboardInterrupt:
         print("cyclereg: interrupted", file=sys.stderr)
         return 130

@@ -15,3 +15,11 @@ class UsageError(CycleregError):
 
 class DataError(CycleregError):
     exit_code = 1
+
+
+class Interrupted(Exception):
+    """A run stopped by a signal after saving what it had (exit code 128 + the signal's number)."""
+
+    def __init__(self, signum, message: str):
+        super().__init__(message)
+        self.exit_code = 128 + int(signum)

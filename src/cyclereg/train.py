@@ -1,14 +1,21 @@
 """The training loop: read top to bottom.
 
-A run writes into its output folder ``checkpoint.pt`` (model, optimiser, step, config and random
-states; written atomically every ``train.checkpoint_every`` steps and on Ctrl-C), ``log.jsonl``
-(loss terms and validation scores) and, at the end, ``model.safetensors`` (:mod:`cyclereg.modelfile`).
+A run writes into its output folder:
+
+- ``checkpoint.pt``: model, optimiser, step, config and random states, written atomically every
+  ``train.checkpoint_every`` steps and when SIGINT or SIGTERM asks the run to stop. ``--resume``
+  after a stop or a crash (even ``kill -9``) ends with the weights of an uninterrupted run, bit for
+  bit on CPU.
+- ``log.jsonl``: loss terms and validation scores.
+- ``model.safetensors`` at the end (:mod:`cyclereg.modelfile`).
 """
 
 from __future__ import annotations
 
 import json
 import pickle
+import signal
+import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -20,7 +27,7 @@ from tqdm import tqdm
 from .atomic import atomic_path
 from .config import Config
 from .data import training_data
-from .errors import DataError, UsageError
+from .errors import DataError, Interrupted, UsageError
 from .evaluate import score_pairs, summarise
 from .methods import loss_terms, settings_from_config
 from .modelfile import ModelInfo, build_from_info, save_model
@@ -102,6 +109,33 @@ def _trim_log(path: Path, step: int) -> None:
             tmp.write_text("".join(line + "\n" for line in keep))
 
 
+class _StopOnSignal:
+    """SIGINT (Ctrl-C) and SIGTERM ask training to stop: the current step ends, a checkpoint is saved
+    at that step boundary, then :class:`Interrupted` is raised. A second signal stops at once (the
+    last checkpoint stays). Signals can only be caught in the main thread; elsewhere this does nothing."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signal = None
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        if self.signal is not None:
+            raise KeyboardInterrupt
+        self.signal = signal.Signals(signum)
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        return False
+
+
 def train(cfg: Config, out, resume: bool = False, device=None, progress: bool = True) -> Path:
     """Train the model described by ``cfg`` into folder ``out``; returns the model file's path."""
     out = Path(out)
@@ -119,6 +153,8 @@ def train(cfg: Config, out, resume: bool = False, device=None, progress: bool = 
         raise UsageError(f"{out} already holds a run (checkpoint.pt); use --resume or another --out")
 
     saved = _read_checkpoint(ckpt_path, cfg) if resume else None  # before any slow work
+    for stale in out.glob(".checkpoint.*.pt"):  # a write cut short by a crash (the rename never happened)
+        stale.unlink()
     torch.manual_seed(cfg.train.seed)
     generator = torch.Generator().manual_seed(cfg.train.seed)
     data = training_data(cfg.data)
@@ -146,7 +182,7 @@ def train(cfg: Config, out, resume: bool = False, device=None, progress: bool = 
     current = None
     model.train()
     t_start = time.perf_counter()
-    try:
+    with _StopOnSignal() as stop:
         while step < total:
             stage = next(s for s in stages if step < s.end)
             if stage is not current:
@@ -173,12 +209,12 @@ def train(cfg: Config, out, resume: bool = False, device=None, progress: bool = 
             if step % cfg.train.val_every == 0 and step < total:
                 scores = validate()
                 bar.write(f"step {step}: held-out dice {scores['dice']:.3f}, folds {scores['folds']:.2f}")
-            if step % cfg.train.checkpoint_every == 0 or step == total:
+            if step % cfg.train.checkpoint_every == 0 or step == total or stop.signal:
                 _save_checkpoint(ckpt_path, model, optimizer, step, cfg, generator)
-    except KeyboardInterrupt:
-        bar.close()
-        _save_checkpoint(ckpt_path, model, optimizer, step, cfg, generator)
-        raise
+            if stop.signal and step < total:
+                bar.close()
+                raise Interrupted(stop.signal, f"training stopped by {stop.signal.name} after step {step}; "
+                                               f"checkpoint saved in {out} (continue with --resume)")
     bar.close()
     scores = validate()
     if progress:
