@@ -113,6 +113,9 @@ def test_train_writes_model_checkpoint_and_log(trained):
     assert state["step"] == 6
     model, info = load_model(trained / "model.safetensors")
     assert info.shape == (16, 16) and info.intensity == (-1.0, 1.0)
+    assert info.training["steps"] == 6
+    assert info.training["data"] == {"dataset": "triangles", "images": 40, "shape": [16, 16]}
+    assert info.training["final_heldout"]["dice"] == records[-1]["val_dice"]
     assert not list(trained.glob(".*"))  # no temporary files left
 
 

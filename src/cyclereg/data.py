@@ -189,6 +189,13 @@ class ImageSet:
     def heldout(self):
         return fixed_pairs(dataset_images(self.cfg, "heldout"), self.cfg.val_pairs, self.cfg.seed)
 
+    def summary(self) -> dict:
+        """What the model was trained on, for the model file's header."""
+        out = {"dataset": self.cfg.dataset, "images": len(self.images), "shape": list(self.shape)}
+        if self.cfg.dataset == "mnist":
+            out.update(root=self.cfg.root, digit=self.cfg.digit)
+        return out
+
 
 def training_data(cfg):
     """Training data of a :class:`~cyclereg.config.DataConfig`: ``.shape``, ``.preprocess``,

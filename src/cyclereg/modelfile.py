@@ -4,14 +4,16 @@ Header keys (all strings, as safetensors stores them): ``format`` (``"cyclereg-m
 ``format_version``, ``cyclereg_version``, ``config`` (the training config as JSON), ``dim``,
 ``shape`` (the model grid's shape in training, tensor order), ``preprocess`` (the preprocessing of
 :class:`~cyclereg.preprocess.Preprocessing` as JSON: intensity normalisation, model spacing, padding)
-and ``weights_sha256``. Format version 1 (before ``preprocess``) had ``intensity``, the input range.
+``training`` (what the model was trained on and for how long, as JSON; absent in older files) and
+``weights_sha256``. Format version 1 (before ``preprocess``) had ``intensity``, the input range.
+The format is described for users in ``docs/model_format.md``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -36,6 +38,7 @@ class ModelInfo:
     config: Config
     shape: tuple
     preprocess: Preprocessing = Preprocessing()
+    training: dict = field(default_factory=dict)  # data summary, steps, seconds, final held-out scores
 
     @property
     def dim(self) -> int:
@@ -72,6 +75,7 @@ def save_model(path, model: RegistrationModel, info: ModelInfo) -> None:
         "dim": str(info.dim),
         "shape": json.dumps(list(info.shape)),
         "preprocess": json.dumps(info.preprocess.to_dict()),
+        "training": json.dumps(info.training),
         "weights_sha256": weights_digest(tensors),
     }
     with atomic_path(path) as tmp:
@@ -101,7 +105,8 @@ def load_model(path, device="cpu") -> tuple[RegistrationModel, ModelInfo]:
             prep = Preprocessing(range=tuple(json.loads(meta["intensity"])))
         else:
             prep = Preprocessing.from_dict(json.loads(meta["preprocess"]))
-        info = ModelInfo(config_from_dict(json.loads(meta["config"])), tuple(json.loads(meta["shape"])), prep)
+        info = ModelInfo(config_from_dict(json.loads(meta["config"])), tuple(json.loads(meta["shape"])), prep,
+                         json.loads(meta.get("training", "{}")))
         model = build_from_info(info)
         model.load_state_dict(tensors)
     except (CycleregError, KeyError, ValueError, RuntimeError, TypeError) as err:

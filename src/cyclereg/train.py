@@ -220,5 +220,7 @@ def train(cfg: Config, out, resume: bool = False, device=None, progress: bool = 
     if progress:
         print(f"held-out dice {scores['dice']:.3f}, folds {scores['folds']:.2f} per pair, "
               f"ic error {scores['ic_error']:.3f} voxels")
+    info.training = {"data": data.summary(), "steps": step,
+                     "final_heldout": {k: v for k, v in scores.items() if isinstance(v, (int, float))}}
     save_model(model_path, model.eval(), info)
     return model_path

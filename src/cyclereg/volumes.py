@@ -90,6 +90,12 @@ class ScanSet:
         moving, fixed, _ = augment_pair(moving, fixed, self.settings, generator)
         return moving, fixed
 
+    def summary(self) -> dict:
+        """What the model was trained on, for the model file's header."""
+        return {"dataset": "folder", "root": self.cfg.root, "pattern": self.cfg.pattern, "atlas": self.cfg.atlas,
+                "scans": len(self.train_paths), "heldout_scans": 0 if self.heldout_paths is self.train_paths else len(self.heldout_paths),
+                "first_scans": [str(p) for p in self.train_paths[:3]], "shape": list(self.shape)}
+
     def heldout(self):
         """``data.val_pairs`` augmented pairs of the held-out scans, from a seed of their own."""
         images = self.images if self.heldout_paths is self.train_paths else self._load(self.heldout_paths, self.images.ndim - 2)
