@@ -22,21 +22,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from . import distributed
 from .atomic import atomic_path
 from .config import Config
 from .data import training_data
+from .distributed import Context
 from .errors import DataError, Interrupted, UsageError
 from .evaluate import score_pairs, summarise
 from .methods import loss_terms, settings_from_config
 from .modelfile import ModelInfo, build_from_info, save_model
 
-__all__ = ["train", "stage_schedule", "default_device"]
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+__all__ = ["train", "stage_schedule"]
 
 
 @dataclass
@@ -59,11 +59,19 @@ def stage_schedule(cfg: Config) -> list[Stage]:
     return stages
 
 
-def _save_checkpoint(path: Path, model, optimizer, step: int, cfg: Config, generator: torch.Generator) -> None:
+def _save_checkpoint(path: Path, model, optimizer, step: int, cfg: Config, generator: torch.Generator,
+                     ctx: Context) -> None:
+    """Every rank takes part (random states are gathered); rank 0 writes."""
+    rng = ctx.gather(torch.get_rng_state())
+    cuda_rng = ctx.gather(torch.cuda.get_rng_state()) if ctx.device.type == "cuda" else None
+    if not ctx.main:
+        return
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-             "config": cfg.to_dict(), "torch_rng": torch.get_rng_state(), "data_rng": generator.get_state()}
-    if torch.cuda.is_available():
-        state["cuda_rng"] = torch.cuda.get_rng_state_all()
+             "config": cfg.to_dict(), "torch_rng": rng[0], "data_rng": generator.get_state(), "world_size": ctx.world}
+    if ctx.active:
+        state["torch_rng_ranks"] = rng
+    if cuda_rng is not None:
+        state["cuda_rng_ranks"] = cuda_rng
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
 
@@ -85,14 +93,30 @@ def _read_checkpoint(path: Path, cfg: Config) -> dict:
     return state
 
 
-def _restore(state: dict, model, optimizer, generator: torch.Generator) -> int:
+def _restore(state: dict, model, optimizer, generator: torch.Generator, ctx: Context) -> int:
+    world = int(state.get("world_size", 1))
+    if world != ctx.world:
+        raise UsageError(f"--resume: the checkpoint was written by {world} process(es), this run has {ctx.world}; "
+                         "resume with the same number (the global batch and the random streams depend on it)")
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["torch_rng"])
+    torch.set_rng_state(state["torch_rng_ranks"][ctx.rank] if ctx.active else state["torch_rng"])
     generator.set_state(state["data_rng"])
-    if "cuda_rng" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    if "cuda_rng_ranks" in state and ctx.device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda_rng_ranks"][ctx.rank], ctx.device)
     return int(state["step"])
+
+
+class _Loss(nn.Module):
+    """The training loss as one module, so that DistributedDataParallel sees one forward per step
+    however many times the method calls the network (the two directions, CycleMorph's cycle)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, moving, fixed, settings):
+        return loss_terms(self.model, moving, fixed, settings)
 
 
 def _trim_log(path: Path, step: int) -> None:
@@ -137,40 +161,54 @@ class _StopOnSignal:
 
 
 def train(cfg: Config, out, resume: bool = False, device=None, progress: bool = True) -> Path:
-    """Train the model described by ``cfg`` into folder ``out``; returns the model file's path."""
-    out = Path(out)
+    """Train the model described by ``cfg`` into folder ``out``; returns the model file's path.
+
+    Started by ``torchrun``, every process runs this and they train one model together
+    (:mod:`cyclereg.distributed`); ``train.batch_size`` is then the batch of each process."""
+    ctx = distributed.setup(torch.device(device) if device else None)
+    try:
+        return _train(cfg, Path(out), resume, ctx, progress and ctx.main)
+    finally:
+        distributed.teardown(ctx)
+
+
+def _train(cfg: Config, out: Path, resume: bool, ctx: Context, progress: bool) -> Path:
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file; expected a folder for the run")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise UsageError(f"--out {out}: cannot create the folder ({err.strerror})") from None
-    device = torch.device(device) if device else default_device()
+    device = ctx.device
     ckpt_path, log_path, model_path = out / "checkpoint.pt", out / "log.jsonl", out / "model.safetensors"
     if resume and not ckpt_path.exists():
         raise UsageError(f"--resume: no checkpoint in {out}")
     if not resume and ckpt_path.exists():
         raise UsageError(f"{out} already holds a run (checkpoint.pt); use --resume or another --out")
+    ctx.barrier()  # every rank has looked before rank 0 writes anything
 
     saved = _read_checkpoint(ckpt_path, cfg) if resume else None  # before any slow work
-    for stale in out.glob(".checkpoint.*.pt"):  # a write cut short by a crash (the rename never happened)
-        stale.unlink()
-    torch.manual_seed(cfg.train.seed)
-    generator = torch.Generator().manual_seed(cfg.train.seed)
+    if ctx.main:
+        for stale in out.glob(".checkpoint.*.pt"):  # a write cut short by a crash (the rename never happened)
+            stale.unlink()
+    torch.manual_seed(cfg.train.seed + ctx.rank)
+    generator = torch.Generator().manual_seed(cfg.train.seed)  # the same on every rank: one global batch
     data = training_data(cfg.data)
     val_moving, val_fixed = data.heldout()
     shape = data.shape
     info = ModelInfo(cfg, shape, data.preprocess)
     model = build_from_info(info).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, betas=tuple(cfg.train.betas))
-    step = _restore(saved, model, optimizer, generator) if resume else 0
-    _trim_log(log_path, step)
+    step = _restore(saved, model, optimizer, generator, ctx) if resume else 0
+    if ctx.main:
+        _trim_log(log_path, step)
     stages = stage_schedule(cfg)
     total = cfg.train.steps
 
     def log(record: dict) -> None:
-        with log_path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        if ctx.main:
+            with log_path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
 
     def validate() -> dict:
         scores = summarise(score_pairs(model, val_moving, val_fixed), shape)
@@ -188,12 +226,17 @@ def train(cfg: Config, out, resume: bool = False, device=None, progress: bool = 
             if stage is not current:
                 model.freeze(stage.trainable)
                 settings = settings_from_config(cfg.model, stage.lam)
+                loss_fn = _Loss(model)
+                if ctx.active:  # rebuilt per stage: DDP syncs the parameters that train in this stage
+                    loss_fn = DistributedDataParallel(loss_fn, device_ids=[device.index] if device.type == "cuda" else None)
                 current = stage
-            moving, fixed = data.batch(cfg.train.batch_size, generator)
-            moving, fixed = moving.to(device), fixed.to(device)
-            loss, terms = loss_terms(model, moving, fixed, settings)
-            if not torch.isfinite(loss):
-                bad = [k for k, v in terms.items() if not torch.isfinite(v)] or ["total"]
+            moving, fixed = data.batch(cfg.train.batch_size * ctx.world, generator)
+            moving, fixed = ctx.local_slice(moving).to(device), ctx.local_slice(fixed).to(device)
+            loss, terms = loss_fn(moving, fixed, settings)
+            values = ctx.mean(torch.stack([loss, *terms.values()]))
+            if not torch.isfinite(values).all():
+                names = ["total", *terms]
+                bad = [names[i] for i in range(1, len(names)) if not torch.isfinite(values[i])] or ["total"]
                 raise DataError(f"training stopped: loss term {bad[0]!r} is not finite at step {step + 1}; "
                                 f"the last checkpoint in {out} is kept")
             optimizer.zero_grad(set_to_none=True)
@@ -201,26 +244,30 @@ def train(cfg: Config, out, resume: bool = False, device=None, progress: bool = 
             optimizer.step()
             step += 1
             bar.update(1)
-            values = {k: float(v.detach()) for k, v in terms.items()}
-            bar.set_postfix({k: f"{v:.4g}" for k, v in values.items()}, refresh=False)
+            values = dict(zip(terms, values[1:].tolist())) | {"loss": float(values[0])}
+            bar.set_postfix({k: f"{v:.4g}" for k, v in values.items() if k != "loss"}, refresh=False)
             if step % cfg.train.log_every == 0 or step == total:
-                log({"step": step, "loss": float(loss.detach()), **values, "lam": stage.lam,
+                log({"step": step, "loss": values.pop("loss"), **values, "lam": stage.lam,
                      "seconds": time.perf_counter() - t_start})
-            if step % cfg.train.val_every == 0 and step < total:
+            if step % cfg.train.val_every == 0 and step < total and ctx.main:
                 scores = validate()
                 bar.write(f"step {step}: held-out dice {scores['dice']:.3f}, folds {scores['folds']:.2f}")
-            if step % cfg.train.checkpoint_every == 0 or step == total or stop.signal:
-                _save_checkpoint(ckpt_path, model, optimizer, step, cfg, generator)
-            if stop.signal and step < total:
+            stopping = ctx.any(stop.signal is not None)
+            if step % cfg.train.checkpoint_every == 0 or step == total or stopping:
+                _save_checkpoint(ckpt_path, model, optimizer, step, cfg, generator, ctx)
+            if stopping and step < total:
                 bar.close()
-                raise Interrupted(stop.signal, f"training stopped by {stop.signal.name} after step {step}; "
-                                               f"checkpoint saved in {out} (continue with --resume)")
+                sig = stop.signal or signal.SIGTERM
+                raise Interrupted(sig, f"training stopped by {sig.name} after step {step}; "
+                                       f"checkpoint saved in {out} (continue with --resume)")
     bar.close()
+    if not ctx.main:
+        return model_path
     scores = validate()
     if progress:
         print(f"held-out dice {scores['dice']:.3f}, folds {scores['folds']:.2f} per pair, "
               f"ic error {scores['ic_error']:.3f} voxels")
-    info.training = {"data": data.summary(), "steps": step,
+    info.training = {"data": data.summary(), "steps": step, "processes": ctx.world,
                      "final_heldout": {k: v for k, v in scores.items() if isinstance(v, (int, float))}}
     save_model(model_path, model.eval(), info)
     return model_path

@@ -1,0 +1,104 @@
+"""Training on several processes with PyTorch's DistributedDataParallel, started by ``torchrun``.
+
+``torchrun --nproc_per_node N -m cyclereg train CONFIG --out RUN`` sets ``RANK``, ``WORLD_SIZE`` and
+``LOCAL_RANK`` for each process; :func:`setup` sees them and joins the process group (NCCL on GPUs,
+gloo on CPU). Without them, training runs in one process and nothing here does anything.
+
+How the work is shared, so that N processes with ``train.batch_size = B`` compute what one process
+computes with a batch of ``N·B``:
+
+- every process draws the same global batch from the same seeded generator and keeps its own slice
+  (a distributed sampler over random pairs; the data stream, and so ``--resume``, stays exact);
+- gradients are averaged across processes by DistributedDataParallel;
+- the global random generator (random points of the ICON losses, map noise) is seeded per rank, and
+  every rank's state goes into the checkpoint;
+- rank 0 alone writes the log, the checkpoint and the model; losses in the log are the mean over ranks.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from .errors import UsageError
+
+__all__ = ["Context", "setup", "teardown"]
+
+
+@dataclass(frozen=True)
+class Context:
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+    def local_slice(self, batch: torch.Tensor) -> torch.Tensor:
+        """This rank's part of a global batch (``world`` equal parts, in rank order)."""
+        if not self.active:
+            return batch
+        n = batch.shape[0] // self.world
+        return batch[self.rank * n:(self.rank + 1) * n]
+
+    def mean(self, value: torch.Tensor) -> torch.Tensor:
+        """The mean of a tensor over ranks (a copy; every rank gets it)."""
+        value = value.detach().clone()
+        if self.active:
+            dist.all_reduce(value)
+            value /= self.world
+        return value
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank if ``flag`` is true on any rank."""
+        if not self.active:
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item() > 0)
+
+    def gather(self, obj) -> list:
+        """Every rank's ``obj``, in rank order (on every rank)."""
+        if not self.active:
+            return [obj]
+        out = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def barrier(self) -> None:
+        if self.active:
+            dist.barrier()
+
+
+def setup(device: torch.device | None) -> Context:
+    """Join the process group that ``torchrun`` describes in the environment, if there is one.
+    ``device``: the user's choice (``cuda`` means this rank's GPU ``LOCAL_RANK``)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Context(device=device or torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = (device.type == "cuda") if device is not None else torch.cuda.is_available()
+    if use_cuda:
+        if local >= torch.cuda.device_count():
+            raise UsageError(f"LOCAL_RANK {local}: this machine has {torch.cuda.device_count()} GPUs; "
+                             "use --nproc_per_node at most that, or --device cpu")
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    else:
+        device = torch.device("cpu")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return Context(rank, world, device)
+
+
+def teardown(ctx: Context) -> None:
+    if ctx.active and dist.is_initialized():
+        dist.destroy_process_group()

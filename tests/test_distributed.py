@@ -1,0 +1,134 @@
+"""Training on two CPU processes with torchrun and DistributedDataParallel (gloo), against one process
+with the doubled batch.
+
+With a network without batch norm and a loss without random points (diffusion, MSE), two processes
+with batch B compute exactly what one process computes with batch 2B: the same global batch, split;
+gradients averaged. The only difference is the order of floating-point sums, so losses and weights
+agree to 1e-5 (relative). With batch norm (the U-Net), each process normalises over its own half of
+the batch, as DDP does without SyncBatchNorm, and the losses agree to a few percent instead."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+
+CONFIG = """
+[data]
+dataset = "triangles"
+size = 16
+n_train = 40
+val_pairs = 4
+
+[model]
+method = "{method}"
+similarity = "mse"
+lam = {lam}
+
+[[model.steps]]
+network = "{network}"
+params = {params}
+
+[train]
+steps = 6
+batch_size = {batch}
+lr = 2e-3
+log_every = 1
+val_every = 1000
+checkpoint_every = 3
+"""
+
+
+def _config(tmp_path: Path, batch: int, method="diffusion", network="convonly", params="{ growth = 4, layers = 3 }",
+            lam=0.5) -> Path:
+    path = tmp_path / f"{method}-{network}-b{batch}.toml"
+    path.write_text(CONFIG.format(batch=batch, method=method, network=network, params=params, lam=lam))
+    return path
+
+
+def _run(config: Path, out: Path, processes: int = 1, *extra: str) -> None:
+    train = ["-m", "cyclereg", "train", str(config), "--out", str(out), "--quiet", "--device", "cpu", *extra]
+    if processes > 1:
+        argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes), *train]
+    else:
+        argv = [sys.executable, *train]
+    result = subprocess.run(argv, capture_output=True, text=True, env=ENV, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _losses(out: Path) -> torch.Tensor:
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    return torch.tensor([r["loss"] for r in records if "loss" in r], dtype=torch.float64)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ddp")
+    _run(_config(root, 8), root / "single")
+    _run(_config(root, 4), root / "ddp", 2)
+    return root
+
+
+def test_two_processes_equal_one_with_the_doubled_batch(runs):
+    single, ddp = _losses(runs / "single"), _losses(runs / "ddp")
+    assert len(single) == len(ddp) == 6
+    torch.testing.assert_close(ddp, single, rtol=1e-5, atol=1e-7)
+    a, b = load_file(str(runs / "single" / "model.safetensors")), load_file(str(runs / "ddp" / "model.safetensors"))
+    assert any("out" in k and a[k].abs().max() > 1e-4 for k in a)  # the zero-initialised output layer has trained
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6)
+
+
+def test_one_log_one_checkpoint_one_model(runs):
+    names = sorted(p.name for p in (runs / "ddp").iterdir())
+    assert names == ["checkpoint.pt", "log.jsonl", "model.safetensors"]
+    steps = [json.loads(line)["step"] for line in (runs / "ddp" / "log.jsonl").read_text().splitlines() if "loss" in line]
+    assert steps == [1, 2, 3, 4, 5, 6]  # written once, by rank 0
+    state = torch.load(runs / "ddp" / "checkpoint.pt", weights_only=True)
+    assert state["world_size"] == 2 and len(state["torch_rng_ranks"]) == 2
+    assert not torch.equal(state["torch_rng_ranks"][0], state["torch_rng_ranks"][1])  # per-rank seeds
+
+
+def test_resume_under_ddp_is_exact(runs, tmp_path):
+    config = _config(runs, 4)
+    _run(config, tmp_path / "run", 2, "--steps", "3")
+    _run(config, tmp_path / "run", 2, "--resume")
+    a, b = load_file(str(runs / "ddp" / "model.safetensors")), load_file(str(tmp_path / "run" / "model.safetensors"))
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_resume_with_another_number_of_processes_is_refused(runs, tmp_path, capsys):
+    from cyclereg.cli import main
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "checkpoint.pt").write_bytes((runs / "ddp" / "checkpoint.pt").read_bytes())
+    code = main(["train", str(_config(runs, 4)), "--out", str(out), "--resume", "--quiet", "--device", "cpu"])
+    assert code == 2
+    assert "written by 2 process(es), this run has 1" in capsys.readouterr().err
+
+
+def test_batch_norm_unet_under_ddp_stays_close(tmp_path):
+    """ICON with the U-Net (batch norm, random points per rank): close, not equal."""
+    _run(_config(tmp_path, 8, "icon", "unet", "{ channels = [4, 8] }", 64.0), tmp_path / "single")
+    _run(_config(tmp_path, 4, "icon", "unet", "{ channels = [4, 8] }", 64.0), tmp_path / "ddp", 2)
+    single, ddp = _losses(tmp_path / "single"), _losses(tmp_path / "ddp")
+    assert ((ddp - single).abs() / single.abs()).max() < 0.05, (single, ddp)
+
+
+def test_ranks_split_the_global_batch_into_disjoint_parts_in_rank_order():
+    from cyclereg.distributed import Context
+
+    batch = torch.arange(12).view(12, 1)
+    parts = [Context(rank, 3).local_slice(batch) for rank in range(3)]
+    assert torch.equal(torch.cat(parts), batch)
+    assert Context().local_slice(batch) is batch
