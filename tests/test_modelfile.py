@@ -55,7 +55,8 @@ def test_round_trip_gives_identical_outputs(tmp_path, dim):
     with torch.no_grad():
         expected, got = model(moving, fixed)(points), loaded(moving, fixed)(points)
     assert expected.abs().max() > 0 and (expected - points).abs().max() > 1e-4  # not the identity
-    assert torch.equal(expected, got)
+    # 3D models load in channels-last layout (faster convolutions on CPU): equal up to the order of sums.
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     for k, v in model.state_dict().items():
         assert torch.equal(v, loaded.state_dict()[k]), k
     assert not list(tmp_path.glob(".*"))  # no temporary file left behind

@@ -107,31 +107,45 @@ def _type_name(tp) -> str:
     return {int: "an integer", float: "a number", str: "a string", bool: "true or false", dict: "a table"}.get(tp, str(tp))
 
 
+def _show(value) -> str:
+    """A value in an error message: its repr on one line, cut short if long."""
+    try:
+        text = repr(value)
+    except ValueError:  # an integer too long to print
+        text = "<a number too long to show>"
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def _convert(value, tp, key: str):
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise UsageError(f"config key '{key}': expected a table, got {value!r}")
+            raise UsageError(f"config key {key!r}: expected a table, got {_show(value)}")
         return _build(tp, value, key + ".")
     if origin is list:
         (item,) = typing.get_args(tp)
         if not isinstance(value, list):
-            raise UsageError(f"config key '{key}': expected a list, got {value!r}")
+            raise UsageError(f"config key {key!r}: expected a list, got {_show(value)}")
         return [_convert(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
+        try:
+            value = float(value)
+        except OverflowError:
+            raise UsageError(f"config key {key!r}: expected a finite number, got {_show(value)}") from None
     if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
-        raise UsageError(f"config key '{key}': expected {_type_name(tp)}, got {value!r}")
+        raise UsageError(f"config key {key!r}: expected {_type_name(tp)}, got {_show(value)}")
     if tp is float and not math.isfinite(value):
-        raise UsageError(f"config key '{key}': expected a finite number, got {value!r}")
+        raise UsageError(f"config key {key!r}: expected a finite number, got {_show(value)}")
     return value
 
 
 def _build(cls, raw: dict, prefix: str = ""):
     hints = typing.get_type_hints(cls)
-    unknown = sorted(set(raw) - set(hints))
+    if not isinstance(raw, dict):
+        raise UsageError(f"config {prefix.rstrip('.') or 'file'}: expected a table, got {_show(raw)}")
+    unknown = sorted((k for k in raw if k not in hints), key=str)
     if unknown:
-        raise UsageError(f"config key '{prefix}{unknown[0]}' is unknown; expected one of: {', '.join(hints)}")
+        raise UsageError(f"config key {prefix + str(unknown[0])!r} is unknown; expected one of: {', '.join(hints)}")
     return cls(**{name: _convert(value, hints[name], prefix + name) for name, value in raw.items()})
 
 
@@ -142,7 +156,7 @@ def _check(cfg: Config) -> None:
 
     def need(ok, key, expected, value):
         if not ok:
-            raise UsageError(f"config key '{key}': expected {expected}, got {value!r}")
+            raise UsageError(f"config key {key!r}: expected {expected}, got {_show(value)}")
 
     d, m, t = cfg.data, cfg.model, cfg.train
     from .preprocess import INTENSITY_MODES
@@ -207,9 +221,12 @@ def apply_overrides(raw: dict, overrides) -> dict:
         key, sep, text = item.partition("=")
         if not sep or not key:
             raise UsageError(f"--set {item!r}: expected key=value, for example model.lam=512")
+        if "\n" in text or "\r" in text:
+            raise UsageError(f"--set {_show(item)}: expected one value on one line")
         try:
-            value = tomllib.loads(f"v = {text}")["v"]
-        except tomllib.TOMLDecodeError:
+            parsed = tomllib.loads(f"v = {text}")
+            value = parsed["v"] if list(parsed) == ["v"] else text
+        except (tomllib.TOMLDecodeError, RecursionError, ValueError):  # not TOML: a bare string
             value = text
         node = raw
         *parents, last = key.strip().split(".")

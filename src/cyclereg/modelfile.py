@@ -24,7 +24,7 @@ from . import __version__
 from .atomic import atomic_path
 from .config import Config, config_from_dict
 from .errors import CycleregError, DataError
-from .methods import RegistrationModel, build_model
+from .methods import RegistrationModel, build_model, use_channels_last
 from .preprocess import Preprocessing
 
 FORMAT = "cyclereg-model"
@@ -111,4 +111,7 @@ def load_model(path, device="cpu") -> tuple[RegistrationModel, ModelInfo]:
         model.load_state_dict(tensors)
     except (CycleregError, KeyError, ValueError, RuntimeError, TypeError) as err:
         raise DataError(f"model file {path} has an inconsistent header or weights: {err}") from None
-    return model.to(device).eval(), info
+    model = model.to(device).eval()
+    if info.dim == 3 and torch.device(device).type == "cpu":
+        use_channels_last(model)
+    return model, info

@@ -110,7 +110,7 @@ def register_tensors(model, info, moving: torch.Tensor, fixed: torch.Tensor, io_
     """``Φ_AB`` for prepared inputs ``(1, 1, *spatial)`` on one model grid."""
     device = next(model.parameters()).device
     m, f = moving.to(device), fixed.to(device)
-    with instance_optimisation(model, m, f, settings_from_config(info.config.model), io_steps, io_lr) as tuned, torch.no_grad():
+    with instance_optimisation(model, m, f, settings_from_config(info.config.model), io_steps, io_lr) as tuned, torch.inference_mode():
         return tuned(m, f)
 
 
