@@ -125,10 +125,19 @@ def test_batch_norm_unet_under_ddp_stays_close(tmp_path):
     assert ((ddp - single).abs() / single.abs()).max() < 0.05, (single, ddp)
 
 
-def test_ranks_split_the_global_batch_into_disjoint_parts_in_rank_order():
-    from cyclereg.distributed import Context
+def test_ranks_draw_disjoint_parts_of_one_global_batch():
+    from cyclereg.config import config_from_dict
+    from cyclereg.data import training_data
+    from cyclereg.loader import Loader
 
-    batch = torch.arange(12).view(12, 1)
-    parts = [Context(rank, 3).local_slice(batch) for rank in range(3)]
-    assert torch.equal(torch.cat(parts), batch)
-    assert Context().local_slice(batch) is batch
+    from conftest import tiny_config_dict
+
+    data = training_data(config_from_dict(tiny_config_dict()).data)
+    with Loader(data, 0, 6, 0, 1, 3, 10, workers=0) as one:
+        whole = one.next()
+    parts = []
+    for rank in range(3):
+        with Loader(data, 0, 2, rank, 3, 3, 10, workers=2) as loader:
+            parts.append(loader.next())
+    assert torch.equal(torch.cat([m for m, _ in parts]), whole[0])
+    assert torch.equal(torch.cat([f for _, f in parts]), whole[1])

@@ -56,9 +56,9 @@ def test_brain_recipe_prepares_the_real_scan_on_its_model_grid():
 
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "brain3d.toml", [f"data.root={_need(BRAIN)}"])
     data = ScanSet(cfg.data)
-    assert data.shape == (112, 96, 80) and data.images.shape == (1, 1, 112, 96, 80)
-    assert 0 <= float(data.images.min()) and float(data.images.max()) <= 1 + 1e-6
-    moving, fixed = data.batch(1, torch.Generator().manual_seed(0))
+    assert data.shape == (112, 96, 80) and len(data.images) == 1 and data.images[0].shape == (1, 1, 112, 96, 80)
+    assert 0 <= float(data.images[0].min()) and float(data.images[0].max()) <= 1 + 1e-6
+    moving, fixed = data.pair(torch.Generator().manual_seed(0))
     assert moving.shape == fixed.shape == (1, 1, 112, 96, 80) and not torch.equal(moving, fixed)
 
 

@@ -50,6 +50,7 @@ class DataConfig:
     permute: bool = False  # folder: random axis permutations (cubic model grids only)
     intensity_augment: bool = False  # folder: random gamma, scale and noise per image
     seed: int = 0  # data generation and held-out pairs
+    cache: str = ""  # folder: keep prepared scans there, memory-mapped (empty: in memory only)
 
 
 @dataclass
@@ -90,6 +91,9 @@ class TrainConfig:
     log_every: int = 10
     val_every: int = 500
     checkpoint_every: int = 500
+    workers: int = 2  # threads preparing batches ahead of the training step (0: in the loop)
+    precision: str = "float32"  # float32, or bfloat16 (autocast; for GPUs)
+    checkpointing: bool = False  # recompute activations in the backward pass (less memory, more time)
     stages: list[StageConfig] = field(default_factory=list)
 
 
@@ -197,6 +201,8 @@ def _check(cfg: Config) -> None:
     need(t.batch_size >= 1, "train.batch_size", "a batch size >= 1", t.batch_size)
     need(t.lr > 0, "train.lr", "a learning rate > 0", t.lr)
     need(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), "train.betas", "two numbers in [0, 1)", t.betas)
+    need(t.workers >= 0, "train.workers", "a number of threads >= 0", t.workers)
+    need(t.precision in ("float32", "bfloat16"), "train.precision", "'float32' or 'bfloat16'", t.precision)
     for name in ("log_every", "val_every", "checkpoint_every"):
         need(getattr(t, name) >= 1, f"train.{name}", "a number of steps >= 1", getattr(t, name))
     if t.stages:

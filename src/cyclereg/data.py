@@ -178,8 +178,9 @@ class ImageSet:
         self.shape = tuple(self.images.shape[2:])
         self.preprocess = preprocessing(cfg)
 
-    def batch(self, batch_size: int, generator: torch.Generator):
-        idx = random_pairs(len(self.images), batch_size, generator)
+    def pair(self, generator: torch.Generator):
+        """One random pair ``(moving, fixed)``, each ``(1, 1, *shape)``, drawn with ``generator``."""
+        idx = random_pairs(len(self.images), 1, generator)
         moving, fixed = self.images[idx[:, 0]], self.images[idx[:, 1]]
         if self.cfg.augment:
             moving = random_affine(moving, self.cfg.augment, generator)
@@ -199,7 +200,8 @@ class ImageSet:
 
 def training_data(cfg):
     """Training data of a :class:`~cyclereg.config.DataConfig`: ``.shape``, ``.preprocess``,
-    ``.batch(batch_size, generator) -> (moving, fixed)`` and ``.heldout() -> (moving, fixed)``."""
+    ``.pair(generator) -> (moving, fixed)`` (one pair; batches: :mod:`cyclereg.loader`),
+    ``.heldout() -> (moving, fixed)`` and ``.summary()``."""
     if cfg.dataset == "folder":
         from .volumes import ScanSet
 

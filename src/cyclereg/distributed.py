@@ -7,8 +7,8 @@ gloo on CPU). Without them, training runs in one process and nothing here does a
 How the work is shared, so that N processes with ``train.batch_size = B`` compute what one process
 computes with a batch of ``N·B``:
 
-- every process draws the same global batch from the same seeded generator and keeps its own slice
-  (a distributed sampler over random pairs; the data stream, and so ``--resume``, stays exact);
+- each process draws only its own part of the global batch, every pair from its own seed
+  (:mod:`cyclereg.loader`: a distributed sampler over random pairs; ``--resume`` stays exact);
 - gradients are averaged across processes by DistributedDataParallel;
 - the global random generator (random points of the ICON losses, map noise) is seeded per rank, and
   every rank's state goes into the checkpoint;
@@ -41,13 +41,6 @@ class Context:
     @property
     def active(self) -> bool:
         return self.world > 1
-
-    def local_slice(self, batch: torch.Tensor) -> torch.Tensor:
-        """This rank's part of a global batch (``world`` equal parts, in rank order)."""
-        if not self.active:
-            return batch
-        n = batch.shape[0] // self.world
-        return batch[self.rank * n:(self.rank + 1) * n]
 
     def mean(self, value: torch.Tensor) -> torch.Tensor:
         """The mean of a tensor over ranks (a copy; every rank gets it)."""

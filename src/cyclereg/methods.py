@@ -7,11 +7,13 @@ A model is called as ``model(moving, fixed)`` and returns the transform ``Φ_AB`
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .losses import SIMILARITIES, _gaussian_blur, diffusion, gradient_inverse_consistency, inverse_consistency, ncc, random_points
 from .coords import identity_grid
@@ -40,12 +42,34 @@ class Step(nn.Module):
         super().__init__()
         self.network, self.factor = network, factor
         self.channels_last = False  # 3D: run the network in channels-last layout (see use_channels_last)
+        self.checkpointing = False  # training: keep no activations, recompute them in the backward pass
 
     def forward(self, moving, fixed) -> DisplacementField:
         pair = downsample(torch.cat([moving, fixed], 1), self.factor)
         if self.channels_last and pair.ndim == 5:
             pair = pair.contiguous(memory_format=torch.channels_last_3d)
-        return DisplacementField(self.network(pair).contiguous())
+        if self.checkpointing and self.training and torch.is_grad_enabled():
+            field = checkpoint(self.network, pair, use_reentrant=False,
+                               context_fn=lambda: (contextlib.nullcontext(), _running_stats_kept(self.network)))
+        else:
+            field = self.network(pair)
+        return DisplacementField(field.contiguous())
+
+
+@contextlib.contextmanager
+def _running_stats_kept(module: nn.Module):
+    """While a checkpointed forward is recomputed, batch norm normalises with the batch's statistics
+    as in the first pass but leaves its running statistics alone: they are updated once per step."""
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    saved = [(m.momentum, m.num_batches_tracked.clone()) for m in norms]
+    for m in norms:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, (momentum, count) in zip(norms, saved):
+            m.momentum = momentum
+            m.num_batches_tracked.copy_(count)
 
 
 class RegistrationModel(nn.Module):
@@ -63,6 +87,11 @@ class RegistrationModel(nn.Module):
             psi = step(moving if phi is None else warp(moving, phi), fixed)
             phi = psi if phi is None else phi @ psi
         return phi
+
+    def checkpointing(self, on: bool = True) -> None:
+        """Gradient checkpointing of every step's network (for volumes too large for memory)."""
+        for step in self.steps:
+            step.checkpointing = on
 
     def freeze(self, trainable) -> None:
         """Train only the steps whose indices are in ``trainable``; the others are frozen (no
@@ -161,6 +190,10 @@ class CycleMorph(nn.Module):
     def freeze(self, trainable) -> None:
         self.g_ab.freeze(trainable)
         self.reverse.freeze(trainable)
+
+    def checkpointing(self, on: bool = True) -> None:
+        self.g_ab.checkpointing(on)
+        self.reverse.checkpointing(on)
 
 
 def _cyclemorph(model, moving, fixed, settings):

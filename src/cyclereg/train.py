@@ -31,6 +31,7 @@ from .atomic import atomic_path
 from .config import Config
 from .data import training_data
 from .distributed import Context
+from .loader import Loader
 from .errors import DataError, Interrupted, UsageError
 from .evaluate import score_pairs, summarise
 from .methods import loss_terms, settings_from_config
@@ -59,15 +60,14 @@ def stage_schedule(cfg: Config) -> list[Stage]:
     return stages
 
 
-def _save_checkpoint(path: Path, model, optimizer, step: int, cfg: Config, generator: torch.Generator,
-                     ctx: Context) -> None:
+def _save_checkpoint(path: Path, model, optimizer, step: int, cfg: Config, ctx: Context) -> None:
     """Every rank takes part (random states are gathered); rank 0 writes."""
     rng = ctx.gather(torch.get_rng_state())
     cuda_rng = ctx.gather(torch.cuda.get_rng_state()) if ctx.device.type == "cuda" else None
     if not ctx.main:
         return
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-             "config": cfg.to_dict(), "torch_rng": rng[0], "data_rng": generator.get_state(), "world_size": ctx.world}
+             "config": cfg.to_dict(), "torch_rng": rng[0], "world_size": ctx.world}
     if ctx.active:
         state["torch_rng_ranks"] = rng
     if cuda_rng is not None:
@@ -93,7 +93,7 @@ def _read_checkpoint(path: Path, cfg: Config) -> dict:
     return state
 
 
-def _restore(state: dict, model, optimizer, generator: torch.Generator, ctx: Context) -> int:
+def _restore(state: dict, model, optimizer, ctx: Context) -> int:
     world = int(state.get("world_size", 1))
     if world != ctx.world:
         raise UsageError(f"--resume: the checkpoint was written by {world} process(es), this run has {ctx.world}; "
@@ -101,7 +101,6 @@ def _restore(state: dict, model, optimizer, generator: torch.Generator, ctx: Con
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["torch_rng_ranks"][ctx.rank] if ctx.active else state["torch_rng"])
-    generator.set_state(state["data_rng"])
     if "cuda_rng_ranks" in state and ctx.device.type == "cuda":
         torch.cuda.set_rng_state(state["cuda_rng_ranks"][ctx.rank], ctx.device)
     return int(state["step"])
@@ -192,14 +191,13 @@ def _train(cfg: Config, out: Path, resume: bool, ctx: Context, progress: bool) -
         for stale in out.glob(".checkpoint.*.pt"):  # a write cut short by a crash (the rename never happened)
             stale.unlink()
     torch.manual_seed(cfg.train.seed + ctx.rank)
-    generator = torch.Generator().manual_seed(cfg.train.seed)  # the same on every rank: one global batch
     data = training_data(cfg.data)
     val_moving, val_fixed = data.heldout()
     shape = data.shape
     info = ModelInfo(cfg, shape, data.preprocess)
     model = build_from_info(info).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, betas=tuple(cfg.train.betas))
-    step = _restore(saved, model, optimizer, generator, ctx) if resume else 0
+    step = _restore(saved, model, optimizer, ctx) if resume else 0
     if ctx.main:
         _trim_log(log_path, step)
     stages = stage_schedule(cfg)
@@ -219,8 +217,11 @@ def _train(cfg: Config, out: Path, resume: bool, ctx: Context, progress: bool) -
     bar = tqdm(total=total, initial=step, desc="train", disable=not progress, dynamic_ncols=True)
     current = None
     model.train()
-    t_start = time.perf_counter()
-    with _StopOnSignal() as stop:
+    model.checkpointing(cfg.train.checkpointing)
+    autocast = torch.autocast(device.type, torch.bfloat16, enabled=cfg.train.precision == "bfloat16")
+    t_start, waited = time.perf_counter(), 0.0
+    loader = Loader(data, cfg.train.seed, cfg.train.batch_size, ctx.rank, ctx.world, step, total, cfg.train.workers)
+    with _StopOnSignal() as stop, loader:
         while step < total:
             stage = next(s for s in stages if step < s.end)
             if stage is not current:
@@ -230,9 +231,11 @@ def _train(cfg: Config, out: Path, resume: bool, ctx: Context, progress: bool) -
                 if ctx.active:  # rebuilt per stage: DDP syncs the parameters that train in this stage
                     loss_fn = DistributedDataParallel(loss_fn, device_ids=[device.index] if device.type == "cuda" else None)
                 current = stage
-            moving, fixed = data.batch(cfg.train.batch_size * ctx.world, generator)
-            moving, fixed = ctx.local_slice(moving).to(device), ctx.local_slice(fixed).to(device)
-            loss, terms = loss_fn(moving, fixed, settings)
+            moving, fixed = loader.next()
+            waited += loader.wait
+            moving, fixed = moving.to(device, non_blocking=True), fixed.to(device, non_blocking=True)
+            with autocast:
+                loss, terms = loss_fn(moving, fixed, settings)
             values = ctx.mean(torch.stack([loss, *terms.values()]))
             if not torch.isfinite(values).all():
                 names = ["total", *terms]
@@ -248,13 +251,13 @@ def _train(cfg: Config, out: Path, resume: bool, ctx: Context, progress: bool) -
             bar.set_postfix({k: f"{v:.4g}" for k, v in values.items() if k != "loss"}, refresh=False)
             if step % cfg.train.log_every == 0 or step == total:
                 log({"step": step, "loss": values.pop("loss"), **values, "lam": stage.lam,
-                     "seconds": time.perf_counter() - t_start})
+                     "seconds": time.perf_counter() - t_start, "data_wait": loader.wait})
             if step % cfg.train.val_every == 0 and step < total and ctx.main:
                 scores = validate()
                 bar.write(f"step {step}: held-out dice {scores['dice']:.3f}, folds {scores['folds']:.2f}")
             stopping = ctx.any(stop.signal is not None)
             if step % cfg.train.checkpoint_every == 0 or step == total or stopping:
-                _save_checkpoint(ckpt_path, model, optimizer, step, cfg, generator, ctx)
+                _save_checkpoint(ckpt_path, model, optimizer, step, cfg, ctx)
             if stopping and step < total:
                 bar.close()
                 sig = stop.signal or signal.SIGTERM
@@ -267,7 +270,9 @@ def _train(cfg: Config, out: Path, resume: bool, ctx: Context, progress: bool) -
     if progress:
         print(f"held-out dice {scores['dice']:.3f}, folds {scores['folds']:.2f} per pair, "
               f"ic error {scores['ic_error']:.3f} voxels")
+    elapsed = time.perf_counter() - t_start
     info.training = {"data": data.summary(), "steps": step, "processes": ctx.world,
+                     "data_wait_fraction": waited / elapsed if elapsed > 0 else 0.0,
                      "final_heldout": {k: v for k, v in scores.items() if isinstance(v, (int, float))}}
     save_model(model_path, model.eval(), info)
     return model_path

@@ -11,11 +11,16 @@ with fewer, validation uses the same scans with augmentations drawn from another
 from __future__ import annotations
 
 import csv
+import dataclasses
+import hashlib
+import json
 import math
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from .atomic import atomic_path
 from .augment import AugmentSettings, augment_pair
 from .errors import DataError
 from .image_io import read_image
@@ -48,7 +53,11 @@ def scan_paths(cfg) -> list[Path]:
 
 
 class ScanSet:
-    """Scans on one model grid; pairs drawn with a seeded generator and augmented."""
+    """Scans on one model grid; pairs drawn with a seeded generator and augmented.
+
+    With ``data.cache`` set, each prepared scan is kept there as a ``.npy`` file named by a hash of the
+    scan file (path, size, modification time), the preprocessing and the model grid, and read back
+    memory-mapped: later runs start at once, and the processes of a distributed run share the pages."""
 
     def __init__(self, cfg):
         from .data import preprocessing
@@ -62,32 +71,53 @@ class ScanSet:
         self.grid = model_grid(reference, self.preprocess)
         self.shape = tuple(reversed(self.grid.size))
         self.atlas = prepare(reference, self.grid, self.preprocess, f"data.atlas {cfg.atlas}") if cfg.atlas else None
-        self.images = self._load(self.train_paths, reference.GetDimension())
+        self.dim = reference.GetDimension()
+        self.images = self._load(self.train_paths)  # one (1, 1, *shape) tensor per scan
         self.settings = AugmentSettings(deform=cfg.deform, smoothness=cfg.smoothness, affine=cfg.augment,
                                         flips=cfg.flips, permute=cfg.permute, intensity=cfg.intensity_augment)
 
-    def _load(self, paths, dim) -> torch.Tensor:
-        out = []
-        for p in paths:
-            image = read_image(p, "scan")
-            if image.GetDimension() != dim:
-                raise DataError(f"scan {p} is {image.GetDimension()}D; the other scans are {dim}D")
-            out.append(prepare(image, self.grid, self.preprocess, f"scan {p}"))
-        return torch.cat(out)
+    def _load(self, paths) -> list[torch.Tensor]:
+        return [self._prepared(p) for p in paths]
 
-    def _pairs(self, images, batch_size, generator):
+    def _prepared(self, path: Path) -> torch.Tensor:
+        cached = self._cache_file(path) if self.cfg.cache else None
+        if cached is not None and cached.is_file():
+            return torch.from_numpy(np.load(cached, mmap_mode="c"))
+        image = read_image(path, "scan")
+        if image.GetDimension() != self.dim:
+            raise DataError(f"scan {path} is {image.GetDimension()}D; the other scans are {self.dim}D")
+        tensor = prepare(image, self.grid, self.preprocess, f"scan {path}")
+        if cached is not None:
+            with atomic_path(cached) as tmp:
+                np.save(tmp, tensor.numpy())
+            return torch.from_numpy(np.load(cached, mmap_mode="c"))
+        return tensor
+
+    def _cache_file(self, path: Path) -> Path:
+        folder = Path(self.cfg.cache)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise DataError(f"data.cache {folder}: cannot create the folder ({err.strerror})") from None
+        stat = Path(path).stat()
+        key = json.dumps([str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns, self.preprocess.to_dict(),
+                          dataclasses.astuple(self.grid)], default=str)
+        return folder / f"{Path(path).name.split('.')[0]}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.npy"
+
+    def _pick(self, images: list, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         if self.atlas is not None:
-            idx = torch.randint(len(images), (batch_size,), generator=generator)
-            return images[idx], self.atlas.expand(batch_size, *self.atlas.shape[1:])
+            return images[int(torch.randint(len(images), (1,), generator=generator))], self.atlas
         if len(images) == 1:
-            return images.expand(batch_size, *images.shape[1:]), images.expand(batch_size, *images.shape[1:])
-        first = torch.randint(len(images), (batch_size,), generator=generator)
-        second = (first + torch.randint(1, len(images), (batch_size,), generator=generator)) % len(images)
+            return images[0], images[0]
+        first = int(torch.randint(len(images), (1,), generator=generator))
+        second = (first + int(torch.randint(1, len(images), (1,), generator=generator))) % len(images)
         return images[first], images[second]
 
-    def batch(self, batch_size: int, generator: torch.Generator):
-        moving, fixed = self._pairs(self.images, batch_size, generator)
-        moving, fixed, _ = augment_pair(moving, fixed, self.settings, generator)
+    def pair(self, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """One augmented pair ``(moving, fixed)``, each ``(1, 1, *shape)``, drawn with ``generator``."""
+        moving, fixed = self._pick(self.images, generator)
+        with torch.no_grad():
+            moving, fixed, _ = augment_pair(moving.clone(), fixed.clone(), self.settings, generator)
         return moving, fixed
 
     def summary(self) -> dict:
@@ -98,9 +128,11 @@ class ScanSet:
 
     def heldout(self):
         """``data.val_pairs`` augmented pairs of the held-out scans, from a seed of their own."""
-        images = self.images if self.heldout_paths is self.train_paths else self._load(self.heldout_paths, self.images.ndim - 2)
+        images = self.images if self.heldout_paths is self.train_paths else self._load(self.heldout_paths)
         generator = torch.Generator().manual_seed(self.cfg.seed + _HELDOUT_SEED)
-        moving, fixed = self._pairs(images, self.cfg.val_pairs, generator)
-        with torch.no_grad():
-            moving, fixed, _ = augment_pair(moving, fixed, self.settings, generator)
-        return moving, fixed
+        pairs = []
+        for _ in range(self.cfg.val_pairs):
+            moving, fixed = self._pick(images, generator)
+            with torch.no_grad():
+                pairs.append(augment_pair(moving.clone(), fixed.clone(), self.settings, generator)[:2])
+        return torch.cat([m for m, _ in pairs]), torch.cat([f for _, f in pairs])
