@@ -39,8 +39,10 @@ def commit() -> str:
 _COMMIT_AT_START = commit()  # the code that runs is the code at start, whatever is edited meanwhile
 
 
-def append_report(title: str, body: str, path: Path = ROOT / "BENCHMARKS.md") -> None:
-    """Append a dated section (machine, commit at the script's start) to BENCHMARKS.md."""
+def append_report(title: str, body: str, path: Path | None = None) -> None:
+    """Append a dated section (machine, commit at the script's start) to BENCHMARKS.md (or to the file
+    named by ``CYCLEREG_BENCHMARKS``, for a benchmark run from a separate clone of the repository)."""
+    path = Path(path or os.environ.get("CYCLEREG_BENCHMARKS") or ROOT / "BENCHMARKS.md")
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     section = f"\n## {title}\n\n{stamp}; {machine()}; commit {_COMMIT_AT_START}\n\n{body.rstrip()}\n"
     if not path.exists():
