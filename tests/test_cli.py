@@ -431,3 +431,51 @@ def test_resume_tolerates_a_log_line_cut_short_by_a_crash(tmp_path):
     log.write_text('{"step": 10, "loss": 1}\n{"step": 20, "loss": 0.5}\n{"step": 30, "lo')
     _trim_log(log, 20)
     assert log.read_text() == '{"step": 10, "loss": 1}\n{"step": 20, "loss": 0.5}\n'
+
+
+def test_register_a_csv_of_pairs_with_one_model_and_split_across_ranks(trained, pair_files, tmp_path, capsys, monkeypatch):
+    model = trained / "model.safetensors"
+    csv = tmp_path / "pairs.csv"
+    csv.write_text("fixed,moving,moving_labels,name\n"
+                   f"{pair_files['fixed']},{pair_files['moving']},{pair_files['labels']},first\n"
+                   f"{pair_files['moving']},{pair_files['fixed']},,\n"
+                   f"{pair_files['fixed']},{pair_files['fixed']},,self\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    code, stdout, err = run_cli(capsys, "register", "--model", model, "--pairs-csv", csv, "--out-dir", out,
+                                "--outputs", "warped,jacobian")
+    assert code == 0, err
+    names = [json.loads(line)["name"] for line in stdout.splitlines()]
+    assert names == ["first", "fixed_to_moving", "self"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [f"{n}_{k}" for n in names for k in ("warped.nii.gz", "jacobian.nii.gz")] + ["first_warped_labels.nii.gz"])
+    single = tmp_path / "single.nii.gz"
+    code, _, _ = run_cli(capsys, "register", "--model", model, "--fixed", pair_files["fixed"], "--moving",
+                         pair_files["moving"], "--warped", single)
+    assert np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(single))),
+                          sitk.GetArrayFromImage(sitk.ReadImage(str(out / "first_warped.nii.gz"))))
+    # Under torchrun, process 1 of 2 takes rows 1, 3, ...
+    split = tmp_path / "split"
+    split.mkdir()
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    code, stdout, _ = run_cli(capsys, "register", "--model", model, "--pairs-csv", csv, "--out-dir", split)
+    assert code == 0 and [json.loads(line)["name"] for line in stdout.splitlines()] == ["fixed_to_moving"]
+    assert sorted(p.name for p in split.iterdir()) == ["fixed_to_moving_transform.h5", "fixed_to_moving_warped.nii.gz"]
+
+
+def test_register_csv_refuses_duplicate_names_and_mixed_options(trained, pair_files, tmp_path, capsys):
+    csv = tmp_path / "pairs.csv"
+    csv.write_text(f"fixed,moving\n{pair_files['fixed']},{pair_files['moving']}\n{pair_files['fixed']},{pair_files['moving']}\n")
+    code, _, err = run_cli(capsys, "register", "--model", trained / "model.safetensors", "--pairs-csv", csv,
+                           "--out-dir", tmp_path)
+    assert code == 1
+    assert_one_line_error(err, "line 3", "moving_to_fixed", "line 2", "column 'name'")
+    code, _, err = run_cli(capsys, "register", "--model", trained / "model.safetensors", "--pairs-csv", csv,
+                           "--out-dir", tmp_path, "--warped", tmp_path / "w.nii.gz")
+    assert code == 2 and "--pairs-csv replaces" in err
+    code, _, err = run_cli(capsys, "register", "--model", trained / "model.safetensors", "--pairs-csv", csv,
+                           "--out-dir", tmp_path, "--outputs", "warped,nonsense")
+    assert code == 2 and "--outputs" in err
+    code, _, err = run_cli(capsys, "register", "--model", trained / "model.safetensors", "--out-dir", tmp_path)
+    assert code == 2 and "--fixed and --moving" in err

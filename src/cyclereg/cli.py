@@ -61,10 +61,16 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", default=None, help="write the summary here")
     ev.add_argument("--device", default=None)
 
-    rg = sub.add_parser("register", help="register a moving image to a fixed image")
+    rg = sub.add_parser("register", help="register a moving image to a fixed image, or every pair of a CSV")
     rg.add_argument("--model", required=True)
-    rg.add_argument("--fixed", required=True)
-    rg.add_argument("--moving", required=True)
+    rg.add_argument("--fixed", help="fixed image (or use --pairs-csv)")
+    rg.add_argument("--moving", help="moving image (or use --pairs-csv)")
+    rg.add_argument("--pairs-csv", help="register every pair of this CSV (columns fixed, moving[, moving_labels, name]) "
+                                         "with the model loaded once; outputs in --out-dir; under torchrun the pairs are "
+                                         "split across processes")
+    rg.add_argument("--out-dir", help="--pairs-csv: folder for NAME_warped.nii.gz, NAME_transform.h5, ...")
+    rg.add_argument("--outputs", default="warped,transform",
+                    help="--pairs-csv: which outputs, of warped,transform,jacobian,figure (default: %(default)s)")
     rg.add_argument("--warped", help="warped moving image (fixed image's grid)")
     rg.add_argument("--transform", help="ITK displacement-field transform (.h5, .tfm) or vector image (.nii.gz, .mha)")
     rg.add_argument("--moving-labels", help="label map of the moving image")
@@ -185,6 +191,10 @@ def _cmd_register(args) -> int:
     from .modelfile import load_model
     from .register import register_files
 
+    if args.pairs_csv:
+        return _register_csv(args)
+    if not args.fixed or not args.moving:
+        raise UsageError("register needs --fixed and --moving, or --pairs-csv with --out-dir")
     _check_outputs({"--warped": args.warped, "--transform": args.transform, "--warped-labels": args.warped_labels,
                     "--jacobian": args.jacobian, "--figure": args.figure})
     model, info = load_model(args.model, _device(args.device))
@@ -193,6 +203,28 @@ def _cmd_register(args) -> int:
                              warped_labels=args.warped_labels, io_steps=args.io_steps, io_lr=args.io_lr,
                              figure=args.figure)
     print(json.dumps(summary))
+    return 0
+
+
+def _register_csv(args) -> int:
+    import os
+
+    from .modelfile import load_model
+    from .register import register_csv
+
+    if args.fixed or args.moving or args.warped or args.transform or args.jacobian or args.figure:
+        raise UsageError("--pairs-csv replaces --fixed, --moving and the single-pair outputs; use --out-dir and --outputs")
+    if not args.out_dir:
+        raise UsageError("--pairs-csv needs --out-dir")
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    device = _device(args.device)
+    if device.type == "cuda" and world > 1 and device.index is None:  # torchrun: one GPU per process
+        device = __import__("torch").device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    model, info = load_model(args.model, device)
+    outputs = [o.strip() for o in args.outputs.split(",") if o.strip()]
+    for summary in register_csv(model, info, args.pairs_csv, args.out_dir, outputs, args.io_steps, args.io_lr,
+                                rank, world, progress=rank == 0):
+        print(json.dumps(summary), flush=True)
     return 0
 
 

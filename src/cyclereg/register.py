@@ -14,13 +14,14 @@ from __future__ import annotations
 import contextlib
 import copy
 from dataclasses import dataclass
+from pathlib import Path
 
 import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
 from .coords import identity_grid
-from .errors import DataError, UsageError
+from .errors import CycleregError, DataError, UsageError
 from .atomic import atomic_path
 from .image_io import Geometry, image_to_tensor, read_image, read_transform, write_displacement, write_image
 from .methods import LossSettings, loss_terms, settings_from_config
@@ -30,7 +31,8 @@ from .preprocess import Preprocessing, model_grid, prepare
 from .transforms import Transform, sample
 
 __all__ = ["Pair", "read_pair", "Registration", "model_inputs", "instance_optimisation", "register_tensors",
-           "register_pair", "map_physical", "on_fixed_grid", "sample_like_itk", "warp_image", "write_outputs", "register_files", "warp_file"]
+           "register_pair", "map_physical", "on_fixed_grid", "sample_like_itk", "warp_image", "write_outputs", "register_files",
+           "register_csv", "warp_file"]
 
 
 @dataclass
@@ -224,6 +226,54 @@ def register_files(model, info, fixed, moving, warped=None, transform=None, jaco
     reg = register_pair(model, info, pair, io_steps, io_lr)
     return write_outputs(reg, next(model.parameters()).device, warped=warped, transform=transform,
                          jacobian=jacobian, warped_labels=warped_labels, figure=figure)
+
+
+OUTPUT_NAMES = {"warped": "warped.nii.gz", "transform": "transform.h5", "jacobian": "jacobian.nii.gz",
+                "figure": "figure.png"}
+
+
+def register_csv(model, info, csv_path, out_dir, outputs=("warped", "transform"), io_steps: int = 0,
+                 io_lr: float = 2e-4, rank: int = 0, world: int = 1, progress: bool = True):
+    """Register every pair of a CSV (columns ``fixed``, ``moving``, optional ``moving_labels`` and
+    ``name``) with one loaded model, streaming: pair after pair, nothing kept between pairs. Outputs
+    go to ``out_dir/NAME_warped.nii.gz`` and so on (``NAME``: the ``name`` column, or the moving and
+    fixed file names). With ``world`` processes, this one takes rows ``rank, rank + world, ...``.
+    Yields one summary per pair registered here."""
+    from tqdm import tqdm
+
+    from .evaluate_files import read_pairs_csv
+
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        raise UsageError(f"--out-dir {out_dir} is not a folder")
+    unknown = sorted(set(outputs) - set(OUTPUT_NAMES))
+    if unknown or not outputs:
+        raise UsageError(f"--outputs: expected some of {', '.join(OUTPUT_NAMES)}, got {','.join(outputs) or 'nothing'}")
+    rows = read_pairs_csv(csv_path)
+    names = [row.get("name") and Path(row["name"]).name or
+             f"{_stem(row['moving'])}_to_{_stem(row['fixed'])}" for row in rows]
+    seen = {}
+    for line, name in enumerate(names, start=2):
+        if name in seen:
+            raise DataError(f"--pairs-csv {csv_path}, line {line}: output name {name!r} is also that of line "
+                            f"{seen[name]}; add a column 'name'")
+        seen[name] = line
+    mine = list(range(rank, len(rows), world))
+    for i in tqdm(mine, desc="register", disable=not progress, dynamic_ncols=True):
+        row, name = rows[i], names[i]
+        labels = row.get("moving_labels") or None
+        files = {k: out_dir / f"{name}_{OUTPUT_NAMES[k]}" for k in outputs}
+        try:
+            summary = register_files(model, info, row["fixed"], row["moving"], moving_labels=labels,
+                                     warped_labels=out_dir / f"{name}_warped_labels.nii.gz" if labels else None,
+                                     io_steps=io_steps, io_lr=io_lr, **{k: str(v) for k, v in files.items()})
+        except CycleregError as err:
+            raise type(err)(f"--pairs-csv {csv_path}, line {i + 2}: {err}") from None
+        yield {"name": name, "fixed": row["fixed"], "moving": row["moving"], **summary}
+
+
+def _stem(path) -> str:
+    return Path(path).name.split(".")[0]
 
 
 def warp_file(transform, moving, fixed, out, nearest: bool = False) -> None:
