@@ -479,3 +479,16 @@ def test_register_csv_refuses_duplicate_names_and_mixed_options(trained, pair_fi
     assert code == 2 and "--outputs" in err
     code, _, err = run_cli(capsys, "register", "--model", trained / "model.safetensors", "--out-dir", tmp_path)
     assert code == 2 and "--fixed and --moving" in err
+
+
+def test_register_with_compile_gives_the_uncompiled_result_and_reports_compile_time(trained, pair_files, tmp_path, capsys):
+    outputs = {}
+    for flag in ([], ["--compile"]):
+        out = tmp_path / f"warped{len(flag)}.nii.gz"
+        code, _, err = run_cli(capsys, "register", "--model", trained / "model.safetensors", "--fixed", pair_files["fixed"],
+                               "--moving", pair_files["moving"], "--warped", out, *flag)
+        assert code == 0, err
+        outputs[bool(flag)] = sitk.GetArrayFromImage(sitk.ReadImage(str(out)))
+        if flag:
+            assert "torch.compile:" in err and " s to compile for 16x16" in err
+    np.testing.assert_allclose(outputs[True], outputs[False], atol=1e-4)

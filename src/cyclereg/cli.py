@@ -60,6 +60,7 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--io-lr", type=float, default=IO_LR, help="instance optimisation learning rate (default: %(default)s)")
     ev.add_argument("--json", default=None, help="write the summary here")
     ev.add_argument("--device", default=None)
+    ev.add_argument("--compile", action="store_true", help="torch.compile the networks first (pays off over many pairs)")
 
     rg = sub.add_parser("register", help="register a moving image to a fixed image, or every pair of a CSV")
     rg.add_argument("--model", required=True)
@@ -80,6 +81,7 @@ def _parser() -> argparse.ArgumentParser:
     rg.add_argument("--io-steps", type=int, default=0, help="instance optimisation steps on this pair")
     rg.add_argument("--io-lr", type=float, default=IO_LR, help="instance optimisation learning rate (default: %(default)s)")
     rg.add_argument("--device", default=None)
+    rg.add_argument("--compile", action="store_true", help="torch.compile the networks first (pays off over many pairs)")
 
     wp = sub.add_parser("warp", help="apply a saved transform to an image of the moving subject")
     wp.add_argument("--transform", required=True, help="transform written by register --transform")
@@ -102,6 +104,20 @@ def _parser() -> argparse.ArgumentParser:
     op.add_argument("--jacobian")
     op.add_argument("--device", default=None)
     return p
+
+
+def _load(args, device=None):
+    """The model of ``--model`` on its device, compiled first with ``--compile`` (time on stderr)."""
+    from .methods import compile_networks
+    from .modelfile import load_model
+
+    device = device or _device(args.device)
+    model, info = load_model(args.model, device)
+    if getattr(args, "compile", False):
+        seconds = compile_networks(model, info.shape, device)
+        print(f"cyclereg: torch.compile: {seconds:.1f} s to compile for {'x'.join(map(str, info.shape))} "
+              "(other shapes compile on first use)", file=sys.stderr)
+    return model, info
 
 
 def _device(name):
@@ -130,7 +146,6 @@ def _cmd_train(args) -> int:
 
 def _cmd_evaluate(args) -> int:
     from .atomic import check_output, write_text
-    from .modelfile import load_model
 
     if args.pairs < 1:
         raise UsageError(f"--pairs: expected at least 1, got {args.pairs}")
@@ -139,7 +154,7 @@ def _cmd_evaluate(args) -> int:
     for name, out in (("--json", args.json), ("--per-pair", args.per_pair)):
         if out:
             check_output(out, name)
-    model, info = load_model(args.model, _device(args.device))
+    model, info = _load(args)
     if args.pairs_csv:
         from .evaluate_files import evaluate_csv, parse_labels
 
@@ -188,7 +203,6 @@ def _evaluate_dataset(model, info, args) -> dict:
 
 
 def _cmd_register(args) -> int:
-    from .modelfile import load_model
     from .register import register_files
 
     if args.pairs_csv:
@@ -197,7 +211,7 @@ def _cmd_register(args) -> int:
         raise UsageError("register needs --fixed and --moving, or --pairs-csv with --out-dir")
     _check_outputs({"--warped": args.warped, "--transform": args.transform, "--warped-labels": args.warped_labels,
                     "--jacobian": args.jacobian, "--figure": args.figure})
-    model, info = load_model(args.model, _device(args.device))
+    model, info = _load(args)
     summary = register_files(model, info, args.fixed, args.moving, warped=args.warped, transform=args.transform,
                              jacobian=args.jacobian, moving_labels=args.moving_labels,
                              warped_labels=args.warped_labels, io_steps=args.io_steps, io_lr=args.io_lr,
@@ -209,7 +223,6 @@ def _cmd_register(args) -> int:
 def _register_csv(args) -> int:
     import os
 
-    from .modelfile import load_model
     from .register import register_csv
 
     if args.fixed or args.moving or args.warped or args.transform or args.jacobian or args.figure:
@@ -220,7 +233,7 @@ def _register_csv(args) -> int:
     device = _device(args.device)
     if device.type == "cuda" and world > 1 and device.index is None:  # torchrun: one GPU per process
         device = __import__("torch").device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    model, info = load_model(args.model, device)
+    model, info = _load(args, device)
     outputs = [o.strip() for o in args.outputs.split(",") if o.strip()]
     for summary in register_csv(model, info, args.pairs_csv, args.out_dir, outputs, args.io_steps, args.io_lr,
                                 rank, world, progress=rank == 0):
