@@ -69,9 +69,8 @@ def to_grid_sample(points: torch.Tensor) -> torch.Tensor:
     ``grid_sample`` wants coordinates in ``[-1, 1]`` with the *last* spatial axis first
     (``x, y[, z]``); this is the only place where that order appears.
     """
-    d = points.shape[1]
-    grid = points.movedim(1, -1).flip(-1)
-    return grid * 2.0 - 1.0 if d else grid
+    grid = points.movedim(1, -1).flip(-1)  # flip makes a copy, so it may be scaled in place
+    return grid.mul_(2.0).sub_(1.0)
 
 
 def check_spacing(spacing, ndim: int, what: str) -> tuple[float, ...]:

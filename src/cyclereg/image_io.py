@@ -198,6 +198,25 @@ class Geometry:
         index = torch.einsum("ij,nj...->ni...", inverse, points - origin)
         return (index / torch.tensor([n - 1 for n in self.size], dtype=points.dtype, device=points.device).view(view)).flip(1)
 
+    def affine(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(A, o)`` with physical point ``= A @ u + o`` for a domain point ``u`` (tensor order)."""
+        d = self.dim
+        reverse = np.eye(d)[::-1]  # tensor order -> ITK order
+        return self.matrix() @ np.diag([n - 1.0 for n in self.size]) @ reverse, np.asarray(self.origin, float)
+
+    def points_to(self, points: torch.Tensor, other: "Geometry | None") -> torch.Tensor:
+        """Domain points of this image ``(N, d, *S)`` as domain points of ``other`` (or physical
+        points when ``other`` is None), as one affine map composed in float64 and applied in the
+        points' own precision (float32 is exact to about 1e-5 mm over a 200 mm scan)."""
+        a, o = self.affine()
+        if other is not None:
+            b, q = other.affine()
+            b_inv = np.linalg.inv(b)
+            a, o = b_inv @ a, b_inv @ (o - q)
+        m = torch.tensor(a, dtype=points.dtype, device=points.device)
+        offset = torch.tensor(o, dtype=points.dtype, device=points.device).view(1, -1, *([1] * (points.ndim - 2)))
+        return torch.einsum("ij,nj...->ni...", m, points) + offset
+
     def inside(self, points: torch.Tensor) -> torch.Tensor:
         """Where domain points fall inside the image as ITK's interpolators see it: continuous index
         in ``[-0.5, n - 0.5)`` along every axis. Returns a boolean ``(N, 1, *S)``."""

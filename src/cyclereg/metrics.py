@@ -37,7 +37,8 @@ def jacobian_determinant(points: torch.Tensor) -> torch.Tensor:
     jac = jacobian_matrix(points)
     if jac.shape[-1] == 2:
         return jac[..., 0, 0] * jac[..., 1, 1] - jac[..., 0, 1] * jac[..., 1, 0]
-    return torch.linalg.det(jac)
+    (a, b, c), (d, e, f), (g, h, i) = [[jac[..., r, k] for k in range(3)] for r in range(3)]
+    return a * (e * i - f * h) - b * (d * i - f * g) + c * (d * h - e * g)  # cofactors: much faster than linalg.det
 
 
 def count_folds(points: torch.Tensor) -> torch.Tensor:

@@ -156,14 +156,17 @@ def map_physical(reg: Registration, points: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def on_fixed_grid(reg: Registration, device=None) -> OnFixedGrid:
+    """The map at every voxel of the fixed image. Each change of frame is one affine map applied
+    in float32 (:meth:`Geometry.points_to`): fixed voxels into the model grid's domain, through Φ,
+    then to physical space, to the moving image's domain and to the fixed image's own frame."""
     g_fixed, g_moving = Geometry.of(reg.pair.fixed), Geometry.of(reg.pair.moving)
-    shape = tuple(reversed(g_fixed.size))
-    x = g_fixed.to_physical(identity_grid(shape, device, torch.float64))
-    y = map_physical(reg, x)
+    fixed_domain = identity_grid(tuple(reversed(g_fixed.size)), device, torch.float32)
+    v = reg.phi(g_fixed.points_to(fixed_domain, reg.grid).to(device))  # the model grid's domain, moving side
     # The Jacobian in the fixed image's own frame: a reflection between two images' index orders
     # is a property of their grids, not a fold.
-    det = jacobian_determinant(g_fixed.from_physical(y))
-    return OnFixedGrid(x.float(), y.float(), g_moving.from_physical(y).float(), det.float())
+    det = jacobian_determinant(reg.grid.points_to(v, g_fixed))
+    return OnFixedGrid(g_fixed.points_to(fixed_domain, None), reg.grid.points_to(v, None),
+                       reg.grid.points_to(v, g_moving), det)
 
 
 def sample_like_itk(image: torch.Tensor, points: torch.Tensor, geometry: Geometry, nearest: bool = False) -> torch.Tensor:
