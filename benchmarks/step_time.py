@@ -1,7 +1,16 @@
 """Seconds per training step: cyclereg against icon_registration, same loss, batch and data.
 
-ICON (MSE, λ = 256) and GradICON (MSE, λ = 0.05) on batches of 128 MNIST-sized pairs (28×28), one
-cyclereg U-Net (widths 16-32-64-128) against icon_registration's tallUNet2. Steps alternate between
+ICON (MSE, λ = 256) and GradICON (MSE, λ = 0.05) on batches of 128 MNIST-sized pairs (28×28), against
+icon_registration's tallUNet2 in its own ICON/GradICON loss. Three cyclereg networks in cyclereg's loss
+and training step (channels-last layout on CPU, as ``cyclereg train`` runs them):
+
+- its default U-Net (widths 16-32-64-128, 0.44 M parameters);
+- icon_registration's tallUNet2 itself (the same network in both: the difference is the rest of the
+  training step: warping, composition, the regulariser);
+- a cyclereg U-Net with tallUNet2's number of parameters (widths 52-104-208-416, 4.6 M against 4.8 M;
+  wider at high resolution, so more arithmetic).
+
+Throughput is pairs per second (both directions of a pair count once, in both implementations). Steps alternate between
 the two implementations so that a noisy machine affects both alike; the median of the timed steps
 is reported, with the ratio. Appends to BENCHMARKS.md.
 
@@ -11,6 +20,7 @@ is reported, with the ratio. Appends to BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import sys
 import time
@@ -23,7 +33,18 @@ import reference_icon  # noqa: E402
 from common import append_report  # noqa: E402
 
 from cyclereg.data import triangles_and_circles  # noqa: E402
-from cyclereg.methods import LossSettings, build_model, loss_terms  # noqa: E402
+from cyclereg.methods import LossSettings, RegistrationModel, Step, build_model, loss_terms, use_channels_last  # noqa: E402
+
+
+class _PairInput(torch.nn.Module):
+    """icon_registration's networks take (A, B); cyclereg's steps pass cat([A, B], 1)."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, pair):
+        return self.net(pair[:, :1], pair[:, 1:])
 
 
 def main(argv=None) -> None:
@@ -34,11 +55,18 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     images = triangles_and_circles(2 * args.batch, args.size, seed=0)
     moving, fixed = images[: args.batch], images[args.batch:]
-    lines = ["| method | cyclereg U-Net s/step | icon_registration tallUNet2 s/step | ratio | cyclereg params | tallUNet2 params |",
-             "|---|---|---|---|---|---|"]
-    for method, lam in (("icon", 256.0), ("gradicon", 0.05)):
+    lines = ["| method | cyclereg network | cyclereg params | tallUNet2 params | cyclereg s/step | icon_registration s/step "
+             "| cyclereg pairs/s | icon_registration pairs/s | throughput ratio |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    networks = (("U-Net 16-32-64-128", [16, 32, 64, 128]), ("tallUNet2 (the same network)", None),
+                ("U-Net 52-104-208-416 (tallUNet2's parameters)", [52, 104, 208, 416]))
+    for (method, lam), (net_name, channels) in itertools.product((("icon", 256.0), ("gradicon", 0.05)), networks):
         torch.manual_seed(0)
-        ours = build_model([{"network": "unet", "params": {"channels": [16, 32, 64, 128]}}], 2, (args.size, args.size))
+        if channels is None:
+            ours = RegistrationModel([Step(_PairInput(reference_icon.networks.tallUNet2(dimension=2)))])
+        else:
+            ours = build_model([{"network": "unet", "params": {"channels": channels}}], 2, (args.size, args.size))
+        use_channels_last(ours, 2)
         ours_opt = torch.optim.Adam(ours.parameters(), lr=1e-3)
         ref = reference_icon.make_icon_model(method, lam, (args.size, args.size), "mse")
         ref_opt = torch.optim.Adam(ref.parameters(), lr=1e-3)
@@ -63,7 +91,8 @@ def main(argv=None) -> None:
         a, b = statistics.median(times["ours"]), statistics.median(times["ref"])
         n_ours = sum(p.numel() for p in ours.parameters())
         n_ref = sum(p.numel() for p in ref.regis_net.parameters())
-        line = f"| {method}, MSE, λ={lam:g} | {a:.3f} | {b:.3f} | {a / b:.2f} | {n_ours:,} | {n_ref:,} |"
+        line = (f"| {method}, MSE, λ={lam:g} | {net_name} | {n_ours:,} | {n_ref:,} | {a:.3f} | {b:.3f} | "
+                f"{args.batch / a:.0f} | {args.batch / b:.0f} | {b / a:.2f}× |")
         print(line, flush=True)
         lines.append(line)
     append_report("Training step time against icon_registration (benchmarks/step_time.py)",

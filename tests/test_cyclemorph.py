@@ -67,7 +67,8 @@ def test_shared_cyclemorph_has_one_network_and_saves(tmp_path):
     loaded, _ = load_model(tmp_path / "m.safetensors")
     x, y = smooth_image((16, 16), 1, 1), smooth_image((16, 16), 1, 2)
     with torch.no_grad():
-        assert torch.equal(loaded(x, y).field, shared.eval()(x, y).field)
+        # loaded models run in channels-last layout on CPU: equal up to the order of sums
+        torch.testing.assert_close(loaded(x, y).field, shared.eval()(x, y).field, rtol=1e-5, atol=1e-6)
 
 
 def test_cyclemorph_trains_and_improves_dice_on_triangles(tmp_path):

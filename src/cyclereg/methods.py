@@ -46,8 +46,8 @@ class Step(nn.Module):
 
     def forward(self, moving, fixed) -> DisplacementField:
         pair = downsample(torch.cat([moving, fixed], 1), self.factor)
-        if self.channels_last and pair.ndim == 5:
-            pair = pair.contiguous(memory_format=torch.channels_last_3d)
+        if self.channels_last:
+            pair = pair.contiguous(memory_format=_CHANNELS_LAST[pair.ndim])
         if self.checkpointing and self.training and torch.is_grad_enabled():
             field = checkpoint(self.network, pair, use_reentrant=False,
                                context_fn=lambda: (contextlib.nullcontext(), _running_stats_kept(self.network)))
@@ -236,13 +236,17 @@ def loss_terms(model, moving: torch.Tensor, fixed: torch.Tensor, settings: LossS
     return METHODS[settings.method](model, moving, fixed, settings)
 
 
-def use_channels_last(model: nn.Module) -> nn.Module:
-    """Run 3D networks in channels-last layout, which oneDNN's CPU convolutions run about 1.6 times
-    faster for inference (measured on the brain recipe's U-Nets at 112×96×80; results are equal)."""
+_CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
+
+
+def use_channels_last(model: nn.Module, dim: int) -> nn.Module:
+    """Run the networks in channels-last layout. oneDNN's CPU convolutions run it faster: about 1.6
+    times for inference of the brain recipe's 3D U-Nets at 112×96×80, 1.3 to 1.4 times for a 2D
+    training step at batch 128 (measured here). Results are equal up to the order of sums."""
     for module in model.modules():
         if isinstance(module, Step):
             module.channels_last = True
-    return model.to(memory_format=torch.channels_last_3d)
+    return model.to(memory_format=_CHANNELS_LAST[dim + 2])
 
 
 def compile_networks(model: nn.Module, shape, device=None) -> float:

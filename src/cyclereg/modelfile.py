@@ -112,6 +112,6 @@ def load_model(path, device="cpu") -> tuple[RegistrationModel, ModelInfo]:
     except (CycleregError, KeyError, ValueError, RuntimeError, TypeError) as err:
         raise DataError(f"model file {path} has an inconsistent header or weights: {err}") from None
     model = model.to(device).eval()
-    if info.dim == 3 and torch.device(device).type == "cpu":
-        use_channels_last(model)
+    if torch.device(device).type == "cpu":
+        use_channels_last(model, info.dim)
     return model, info
