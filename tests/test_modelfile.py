@@ -175,3 +175,17 @@ def test_save_into_a_missing_folder_is_a_usage_error(tmp_path):
     model, info = _trained_like_model()
     with pytest.raises(UsageError, match="does not exist"):
         save_model(tmp_path / "no" / "model.safetensors", model, info)
+
+
+def test_no_code_path_unpickles_user_files():
+    """Source check: cyclereg never calls pickle's loaders, and torch.load only with weights_only=True."""
+    import re
+    from pathlib import Path
+
+    import cyclereg
+
+    for path in Path(cyclereg.__file__).parent.glob("*.py"):
+        text = path.read_text()
+        assert not re.search(r"pickle\.(load|loads|Unpickler)\b", text), path
+        for call in re.finditer(r"torch\.load\(([^)]*)\)", text):
+            assert "weights_only=True" in call.group(1), (path, call.group(0))

@@ -181,28 +181,21 @@ class Geometry:
         """``direction @ diag(spacing)``: ITK index offsets to physical offsets."""
         return np.asarray(self.direction, float).reshape(self.dim, self.dim) @ np.diag(self.spacing)
 
+    def affine(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(A, o)`` with physical point ``= A @ u + o`` for a domain point ``u`` (tensor order):
+        ``A = direction @ diag(spacing) @ diag(size - 1) @ R``, ``R`` reversing the component order."""
+        reverse = np.eye(self.dim)[::-1]  # tensor order -> ITK order
+        return self.matrix() @ np.diag([n - 1.0 for n in self.size]) @ reverse, np.asarray(self.origin, float)
+
     def to_physical(self, points: torch.Tensor) -> torch.Tensor:
         """Domain points ``(N, d, *S)`` (tensor order, ``[0, 1]``) -> physical ``(N, d, *S)`` (x, y, z)."""
-        d = self.dim
-        index = points.flip(1) * torch.tensor([n - 1 for n in self.size], dtype=points.dtype, device=points.device).view(1, d, *([1] * (points.ndim - 2)))
-        m = torch.tensor(self.matrix(), dtype=points.dtype, device=points.device)
-        origin = torch.tensor(self.origin, dtype=points.dtype, device=points.device).view(1, d, *([1] * (points.ndim - 2)))
-        return torch.einsum("ij,nj...->ni...", m, index) + origin
+        return self.points_to(points, None)
 
     def from_physical(self, points: torch.Tensor) -> torch.Tensor:
         """Physical points ``(N, d, *S)`` (x, y, z) -> domain points (tensor order, ``[0, 1]``)."""
-        d = self.dim
-        view = (1, d, *([1] * (points.ndim - 2)))
-        inverse = torch.tensor(np.linalg.inv(self.matrix()), dtype=points.dtype, device=points.device)
-        origin = torch.tensor(self.origin, dtype=points.dtype, device=points.device).view(view)
-        index = torch.einsum("ij,nj...->ni...", inverse, points - origin)
-        return (index / torch.tensor([n - 1 for n in self.size], dtype=points.dtype, device=points.device).view(view)).flip(1)
-
-    def affine(self) -> tuple[np.ndarray, np.ndarray]:
-        """``(A, o)`` with physical point ``= A @ u + o`` for a domain point ``u`` (tensor order)."""
-        d = self.dim
-        reverse = np.eye(d)[::-1]  # tensor order -> ITK order
-        return self.matrix() @ np.diag([n - 1.0 for n in self.size]) @ reverse, np.asarray(self.origin, float)
+        a, o = self.affine()
+        inverse = np.linalg.inv(a)
+        return _apply_affine(inverse, -inverse @ o, points)
 
     def points_to(self, points: torch.Tensor, other: "Geometry | None") -> torch.Tensor:
         """Domain points of this image ``(N, d, *S)`` as domain points of ``other`` (or physical
@@ -213,9 +206,7 @@ class Geometry:
             b, q = other.affine()
             b_inv = np.linalg.inv(b)
             a, o = b_inv @ a, b_inv @ (o - q)
-        m = torch.tensor(a, dtype=points.dtype, device=points.device)
-        offset = torch.tensor(o, dtype=points.dtype, device=points.device).view(1, -1, *([1] * (points.ndim - 2)))
-        return torch.einsum("ij,nj...->ni...", m, points) + offset
+        return _apply_affine(a, o, points)
 
     def inside(self, points: torch.Tensor) -> torch.Tensor:
         """Where domain points fall inside the image as ITK's interpolators see it: continuous index
@@ -228,6 +219,13 @@ class Geometry:
     def extent_volume(self) -> float:
         """Signed volume spanned by the voxel centres (direction handedness included)."""
         return float(np.linalg.det(self.matrix() * np.array([n - 1 for n in self.size])[None, :]))
+
+
+def _apply_affine(matrix: np.ndarray, offset: np.ndarray, points: torch.Tensor) -> torch.Tensor:
+    """``matrix @ p + offset`` for points ``(N, d, *S)``, in the points' dtype and device."""
+    m = torch.tensor(matrix, dtype=points.dtype, device=points.device)
+    o = torch.tensor(offset, dtype=points.dtype, device=points.device).view(1, -1, *([1] * (points.ndim - 2)))
+    return torch.einsum("ij,nj...->ni...", m, points) + o
 
 
 def write_image(path, array, reference: sitk.Image, pixel_id=None) -> None:
