@@ -145,3 +145,13 @@ def test_sample_gradcheck(shape):
     # Points outside the domain (border padding) still have a gradient w.r.t. values.
     outside = rand_points(2, d, (3, 2, 2), low=-1.0, high=2.0)
     assert torch.autograd.gradcheck(lambda v: sample(v, outside), (values,), eps=1e-6, atol=1e-6)
+
+
+def test_maps_on_their_own_grid_skip_interpolation_and_agree_with_it(shape):
+    """map_on_grid reads a field's values at its own nodes instead of interpolating them."""
+    outer, inner = DisplacementField(smooth_field(shape, 2, seed=1)), DisplacementField(smooth_field(shape, 2, seed=2))
+    like = torch.zeros(2, 1, *shape)
+    grid = identity_grid(shape).expand(2, len(shape), *shape)
+    for phi in (inner, outer @ inner, Identity() @ inner):
+        torch.testing.assert_close(map_on_grid(phi, shape, like), phi(grid), rtol=0, atol=1e-6)
+    assert torch.equal(map_on_grid(inner, shape, like), grid + inner.field)

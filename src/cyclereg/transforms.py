@@ -37,6 +37,11 @@ class Transform:
     def __call__(self, points: torch.Tensor) -> torch.Tensor:
         return points + self.displacement(points)
 
+    def displacement_on_grid(self, grid: torch.Tensor) -> torch.Tensor:
+        """``displacement(grid)`` for the identity grid ``(N, d, *shape)`` of a whole image; subclasses
+        skip interpolation where their values already sit on that grid."""
+        return self.displacement(grid)
+
     def take(self, index: torch.Tensor) -> "Transform":  # pragma: no cover - interface
         """The transform of the batch items ``index`` (for example a batch rolled by half)."""
         raise NotImplementedError
@@ -66,6 +71,11 @@ class DisplacementField(Transform):
     def displacement(self, points):
         return sample(self.field, points)
 
+    def displacement_on_grid(self, grid):
+        if grid.shape[2:] == self.field.shape[2:]:  # the field's own nodes: its values, no interpolation
+            return self.field.expand(grid.shape[0], *self.field.shape[1:]) if self.field.shape[0] == 1 else self.field
+        return self.displacement(grid)
+
     def take(self, index):
         return DisplacementField(self.field[index])
 
@@ -80,14 +90,18 @@ class Composed(Transform):
         d_inner = self.inner.displacement(points)
         return d_inner + self.outer.displacement(points + d_inner)
 
+    def displacement_on_grid(self, grid):
+        d_inner = self.inner.displacement_on_grid(grid)
+        return d_inner + self.outer.displacement(grid + d_inner)
+
     def take(self, index):
         return Composed(self.outer.take(index), self.inner.take(index))
 
 
 def map_on_grid(transform: Transform, shape, like: torch.Tensor) -> torch.Tensor:
     """The map evaluated at the grid of ``shape``: points ``(N, d, *shape)`` (batch of ``like``)."""
-    grid = identity_grid(shape, like.device, like.dtype)
-    return transform(grid.expand(like.shape[0], *grid.shape[1:]))
+    grid = identity_grid(shape, like.device, like.dtype).expand(like.shape[0], len(shape), *shape)
+    return grid + transform.displacement_on_grid(grid)
 
 
 def warp(image: torch.Tensor, transform: Transform, shape=None, mode: str = "bilinear") -> torch.Tensor:
