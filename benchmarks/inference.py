@@ -585,8 +585,8 @@ def section_monai(opts) -> str:
     times = alternate(fns, opts.warp_repeats)
     med = {k: statistics.median(v) for k, v in times.items()}
     lines = ["| implementation | what it does | median (s) | ratio to MONAI |", "|---|---|---|---|",
-             f"| `cyclereg.transforms.warp(image, DisplacementField(D))` | D evaluated on the grid (grid_sample, 3 channels), "
-             f"then the image sampled (grid_sample) | {med['warp']:.3f} | {med['warp'] / med['monai']:.2f} |",
+             f"| `cyclereg.transforms.warp(image, DisplacementField(D))` | the map on the grid (D read at its own nodes), "
+             f"then the image sampled (one grid_sample) | {med['warp']:.3f} | {med['warp'] / med['monai']:.2f} |",
              f"| `cyclereg.transforms.sample(image, Id + D)` | the map on the grid given: one grid_sample | "
              f"{med['sample']:.3f} | {med['sample'] / med['monai']:.2f} |",
              f"| `monai.networks.blocks.Warp` (bilinear, border) | reference grid + ddf, normalised, one grid_sample | "
