@@ -141,3 +141,37 @@ def test_ranks_draw_disjoint_parts_of_one_global_batch():
             parts.append(loader.next())
     assert torch.equal(torch.cat([m for m, _ in parts]), whole[0])
     assert torch.equal(torch.cat([f for _, f in parts]), whole[1])
+
+
+def test_evaluate_splits_pairs_across_processes_and_reports_once(runs, tmp_path):
+    import csv
+
+    import numpy as np
+    import SimpleITK as sitk
+
+    rng = np.random.default_rng(0)
+    for k in range(4):
+        image = sitk.GetImageFromArray(sitk.GetArrayFromImage(sitk.SmoothingRecursiveGaussian(
+            sitk.GetImageFromArray(rng.random((16, 16)).astype(np.float32)), 2.0)))
+        sitk.WriteImage(image, str(tmp_path / f"i{k}.nii.gz"))
+    (tmp_path / "pairs.csv").write_text("fixed,moving\n" + "".join(f"i{k}.nii.gz,i{(k + 1) % 4}.nii.gz\n" for k in range(3)))
+    model = runs / "ddp" / "model.safetensors"
+    outputs = {}
+    for processes in (1, 2):
+        out = tmp_path / f"p{processes}"
+        out.mkdir()
+        evaluate = ["-m", "cyclereg", "evaluate", "--model", str(model), "--pairs-csv", str(tmp_path / "pairs.csv"),
+                    "--per-pair", str(out / "pairs.csv"), "--json", str(out / "summary.json"), "--device", "cpu"]
+        argv = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *evaluate]
+                if processes > 1 else [sys.executable, *evaluate])
+        result = subprocess.run(argv, capture_output=True, text=True, env=ENV, timeout=300)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert result.stdout.count('"n_pairs"') == 1  # one report, from rank 0
+        with (out / "pairs.csv").open() as f:
+            outputs[processes] = (list(csv.DictReader(f)), json.loads((out / "summary.json").read_text()))
+    (rows1, sum1), (rows2, sum2) = outputs[1], outputs[2]
+    assert [r["moving"] for r in rows2] == [r["moving"] for r in rows1]  # in the CSV's order
+    for a, b in zip(rows1, rows2):
+        assert float(a["dice"]) == pytest.approx(float(b["dice"]), abs=1e-6)
+        assert float(a["ic_error_mm"]) == pytest.approx(float(b["ic_error_mm"]), rel=1e-4)
+    assert sum1["n_pairs"] == sum2["n_pairs"] == 3 and sum1["dice"] == pytest.approx(sum2["dice"], abs=1e-6)

@@ -154,13 +154,22 @@ def _cmd_evaluate(args) -> int:
     for name, out in (("--json", args.json), ("--per-pair", args.per_pair)):
         if out:
             check_output(out, name)
-    model, info = _load(args)
     if args.pairs_csv:
+        from . import distributed
         from .evaluate_files import evaluate_csv, parse_labels
 
-        summary = evaluate_csv(model, info, args.pairs_csv, io_steps=args.io_steps, io_lr=args.io_lr,
-                               labels=parse_labels(args.labels), per_pair=args.per_pair)
+        labels = parse_labels(args.labels)
+        ctx = distributed.setup(_device(args.device))  # under torchrun: the pairs are split across processes
+        try:
+            model, info = _load(args, ctx.device)
+            summary = evaluate_csv(model, info, args.pairs_csv, io_steps=args.io_steps, io_lr=args.io_lr,
+                                   labels=labels, per_pair=args.per_pair, ctx=ctx)
+        finally:
+            distributed.teardown(ctx)
+        if summary is None:  # not rank 0: rank 0 reports
+            return 0
     else:
+        model, info = _load(args)
         summary = _evaluate_dataset(model, info, args)
     text = json.dumps(summary, indent=2)
     print(text)

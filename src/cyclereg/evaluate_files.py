@@ -121,18 +121,35 @@ def _normalised(image, info) -> torch.Tensor:
 
 
 def evaluate_csv(model, info, csv_path, io_steps: int = 0, io_lr: float = 2e-4, labels=None, per_pair=None,
-                 progress: bool = True) -> dict:
+                 progress: bool = True, ctx=None) -> dict | None:
     """Score every pair of ``csv_path``; write the per-pair table to ``per_pair`` (CSV) if given and
-    return the summary (means over pairs)."""
+    return the summary (means over pairs).
+
+    With a :class:`~cyclereg.distributed.Context` of several processes (``torchrun``), each scores
+    rows ``rank, rank + world, ...``; rank 0 gathers them, writes and returns the summary, the
+    others return None. An error on any rank stops every rank with that error."""
     from tqdm import tqdm
 
+    from .distributed import Context
+
+    ctx = ctx or Context()
     rows = read_pairs_csv(csv_path)
-    results = []
-    for line, row in enumerate(tqdm(rows, desc="evaluate", disable=not progress, dynamic_ncols=True), start=2):
+    mine = range(ctx.rank, len(rows), ctx.world)
+    scored, failure = [], None
+    for i in tqdm(mine, desc="evaluate", disable=not (progress and ctx.main), dynamic_ncols=True):
         try:
-            results.append(_score_pair(model, info, row, labels, io_steps, io_lr))
+            scored.append((i, _score_pair(model, info, rows[i], labels, io_steps, io_lr)))
         except CycleregError as err:
-            raise type(err)(f"--pairs-csv {csv_path}, line {line}: {err}") from None
+            failure = (i, type(err), f"--pairs-csv {csv_path}, line {i + 2}: {err}")
+            break
+    gathered = ctx.gather((scored, failure))
+    failures = sorted(f for _, f in gathered if f is not None)
+    if failures:
+        _, kind, message = failures[0]
+        raise kind(message)
+    if not ctx.main:
+        return None
+    results = [r for _, r in sorted(item for part, _ in gathered for item in part)]
     if per_pair:
         columns = list(dict.fromkeys(k for r in results for k in r))
         buffer = io.StringIO()
