@@ -7,6 +7,7 @@ Set ``CYCLEREG_TEST_THREADS`` to change that.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 
@@ -87,6 +88,29 @@ def tiny_config_dict(**overrides) -> dict:
         section, name = key.split("__")
         raw[section][name] = value
     return raw
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + " }"
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return json.dumps(value)  # strings, numbers and booleans are written alike in JSON and TOML
+
+
+def write_toml(path, raw: dict):
+    """Write a config dictionary as a TOML file (lists of tables, such as ``model.steps``, as ``[[...]]``)."""
+    lines = []
+    for section, values in raw.items():
+        tables = {k: v for k, v in values.items() if isinstance(v, list) and v and all(isinstance(t, dict) for t in v)}
+        lines.append(f"[{section}]")
+        lines += [f"{k} = {_toml_value(v)}" for k, v in values.items() if k not in tables]
+        for key, items in tables.items():
+            for item in items:
+                lines.append(f"[[{section}.{key}]]")
+                lines += [f"{k} = {_toml_value(v)}" for k, v in item.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
 
 
 def rand_points(n: int, dim: int, extra=(5, 4, 3), dtype=torch.float64, low: float = 0.0, high: float = 1.0) -> torch.Tensor:

@@ -7,7 +7,6 @@ to check that nothing else reaches the terminal (ITK's C libraries print on stde
 
 from __future__ import annotations
 
-import json
 import os
 import pickle
 import struct
@@ -26,7 +25,7 @@ from cyclereg.cli import main
 from cyclereg.config import config_from_dict
 from cyclereg.modelfile import ModelInfo, build_from_info, save_model
 
-from conftest import tiny_config_dict
+from conftest import tiny_config_dict, write_toml
 
 
 class Payload:
@@ -42,20 +41,6 @@ class Payload:
 def _image(shape, value=None, seed=0):
     rng = np.random.default_rng(seed)
     return (rng.random(shape) if value is None else np.full(shape, value)).astype(np.float32)
-
-
-def _toml(raw: dict) -> str:
-    """A config dictionary as TOML (tables of plain values and one array of step tables)."""
-    lines = []
-    for section, values in raw.items():
-        lines.append(f"[{section}]")
-        steps = values.get("steps") if section == "model" else None
-        lines += [f"{k} = {json.dumps(v)}" for k, v in values.items() if k != "steps" or steps is None]
-        for step in steps or []:
-            lines.append("[[model.steps]]")
-            lines += [f"{k} = {json.dumps(v)}" if not isinstance(v, dict) else f"{k} = {{ channels = {v['channels']} }}"
-                      for k, v in step.items()]
-    return "\n".join(lines) + "\n"
 
 
 def _write(path, array):
@@ -120,8 +105,9 @@ def corpus(tmp_path_factory) -> Path:
 
     for name, text in {"unknown_key": "[model]\nlamda = 1.0\n", "wrong_type": "[model]\nlam = 'big'\n",
                        "negative_lambda": "[model]\nlam = -1.0\n", "zero_steps": "[train]\nsteps = 0\n",
-                       "not_toml": "[model\n", "ok": _toml(tiny_config_dict())}.items():
+                       "not_toml": "[model\n"}.items():
         (c / f"{name}.toml").write_text(text)
+    write_toml(c / "ok.toml", tiny_config_dict())
     (c / "resume").mkdir()
     (c / "resume" / "checkpoint.pt").write_bytes(pickle.dumps(Payload(c / "pwned")))
     return c

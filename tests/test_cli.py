@@ -15,37 +15,12 @@ from cyclereg.cli import main
 from cyclereg.config import config_from_dict
 from cyclereg.modelfile import ModelInfo, build_from_info, load_model, save_model
 
-from conftest import tiny_config_dict
+from conftest import tiny_config_dict, write_toml
 from test_data import write_mnist
 
-TOML = """
-[data]
-dataset = "triangles"
-size = 16
-n_train = 40
-val_pairs = 4
-
-[model]
-method = "icon"
-lam = 64.0
-
-[[model.steps]]
-network = "unet"
-params = {{ channels = [4, 8] }}
-
-[train]
-steps = {steps}
-batch_size = 4
-lr = 2e-3
-log_every = 1
-val_every = 1000
-checkpoint_every = 2
-"""
-
-
-def write_config(path, steps=6, extra=""):
-    path.write_text(TOML.format(steps=steps) + extra)
-    return path
+def write_config(path, steps=6):
+    """The tiny triangles config (conftest) with ``steps`` training steps, as a TOML file."""
+    return write_toml(path, tiny_config_dict(train__steps=steps, train__lr=2e-3))
 
 
 def run_cli(capsys, *argv):
@@ -335,7 +310,7 @@ def test_corrupt_model_file(tmp_path, pair_files, capsys):
 
 
 def test_unknown_config_key(tmp_path, capsys):
-    config = write_config(tmp_path / "c.toml", extra="")
+    config = write_config(tmp_path / "c.toml")
     config.write_text(config.read_text().replace("lam = 64.0", "lamda = 64.0"))
     out = tmp_path / "run"
     code, _, err = run_cli(capsys, "train", config, "--out", out, "--quiet")

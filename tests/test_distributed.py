@@ -19,39 +19,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import tiny_config_dict, write_toml
+
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 
-CONFIG = """
-[data]
-dataset = "triangles"
-size = 16
-n_train = 40
-val_pairs = 4
-
-[model]
-method = "{method}"
-similarity = "mse"
-lam = {lam}
-
-[[model.steps]]
-network = "{network}"
-params = {params}
-
-[train]
-steps = 6
-batch_size = {batch}
-lr = 2e-3
-log_every = 1
-val_every = 1000
-checkpoint_every = 3
-"""
-
-
-def _config(tmp_path: Path, batch: int, method="diffusion", network="convonly", params="{ growth = 4, layers = 3 }",
-            lam=0.5) -> Path:
-    path = tmp_path / f"{method}-{network}-b{batch}.toml"
-    path.write_text(CONFIG.format(batch=batch, method=method, network=network, params=params, lam=lam))
-    return path
+def _config(tmp_path: Path, batch: int, method="diffusion", network="convonly", params=None, lam=0.5) -> Path:
+    raw = tiny_config_dict(model__method=method, model__lam=lam, train__steps=6, train__batch_size=batch, train__lr=2e-3,
+                           train__checkpoint_every=3)
+    raw["model"]["steps"] = [{"network": network, "params": params or {"growth": 4, "layers": 3}}]
+    return write_toml(tmp_path / f"{method}-{network}-b{batch}.toml", raw)
 
 
 def _run(config: Path, out: Path, processes: int = 1, *extra: str) -> None:
@@ -119,8 +95,8 @@ def test_resume_with_another_number_of_processes_is_refused(runs, tmp_path, caps
 
 def test_batch_norm_unet_under_ddp_stays_close(tmp_path):
     """ICON with the U-Net (batch norm, random points per rank): close, not equal."""
-    _run(_config(tmp_path, 8, "icon", "unet", "{ channels = [4, 8] }", 64.0), tmp_path / "single")
-    _run(_config(tmp_path, 4, "icon", "unet", "{ channels = [4, 8] }", 64.0), tmp_path / "ddp", 2)
+    _run(_config(tmp_path, 8, "icon", "unet", {"channels": [4, 8]}, 64.0), tmp_path / "single")
+    _run(_config(tmp_path, 4, "icon", "unet", {"channels": [4, 8]}, 64.0), tmp_path / "ddp", 2)
     single, ddp = _losses(tmp_path / "single"), _losses(tmp_path / "ddp")
     assert ((ddp - single).abs() / single.abs()).max() < 0.05, (single, ddp)
 

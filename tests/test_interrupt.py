@@ -21,33 +21,11 @@ from safetensors.torch import load_file
 from cyclereg.config import config_from_dict
 from cyclereg.errors import DataError
 
-from conftest import tiny_config_dict
+from conftest import tiny_config_dict, write_toml
 
 STEPS = 300
-TOML = f"""
-[data]
-dataset = "triangles"
-size = 16
-n_train = 40
-val_pairs = 4
-
-[model]
-method = "icon"
-lam = 64.0
-noise = 0.1  # draws from the global generator every step: restored on resume or the runs diverge
-
-[[model.steps]]
-network = "unet"
-params = {{ channels = [4, 8] }}
-
-[train]
-steps = {STEPS}
-batch_size = 4
-lr = 1e-3
-log_every = 1
-val_every = 100
-checkpoint_every = 7
-"""
+# noise > 0 draws from the global generator every step: restored on resume or the runs diverge
+CONFIG = tiny_config_dict(model__noise=0.1, train__steps=STEPS, train__val_every=100, train__checkpoint_every=7)
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 
 
@@ -91,9 +69,7 @@ def _assert_identical(a: dict, b: dict) -> None:
 
 @pytest.fixture(scope="module")
 def config(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("interrupt") / "tiny.toml"
-    path.write_text(TOML)
-    return path
+    return write_toml(tmp_path_factory.mktemp("interrupt") / "tiny.toml", CONFIG)
 
 
 @pytest.fixture(scope="module")
