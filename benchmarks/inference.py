@@ -9,7 +9,7 @@ Sections (all when none is named):
   untrained weights) at sizes from 32³ to 160×192×224: ``model(moving, fixed)`` (the map Φ) and Φ
   evaluated on the grid (``map_on_grid``), in evaluation mode under ``torch.inference_mode()``; median
   of the repeats after a warm-up. Every size runs in a fresh subprocess, which reports its peak RSS
-  (``ru_maxrss``) and its RSS before the first forward. Growth exponent: least-squares slope of
+  (``VmHWM``, not ``ru_maxrss``) and its RSS before the first forward. Growth exponent: least-squares slope of
   log(time) against log(voxels). Log-log plot: ``docs/scaling.png``.
 * ``--memory``: one model file loaded once, then many pairs registered in one fresh process
   (``cyclereg.register.register_tensors``, Φ on the grid and the warped moving image), RSS from
@@ -208,8 +208,41 @@ def rss_statm_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / MIB
 
 
-def maxrss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+def _status_mb(field: str) -> float | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return None
+
+
+def peak_rss_mb() -> float:
+    """This process's peak RSS since it started (``VmHWM``).
+
+    Not ``ru_maxrss``: after ``exec`` that also counts the peak of the process that forked this one
+    (the forked copy of its memory is the "old mm" whose high-water mark Linux keeps), so every
+    subprocess of a large parent would report at least the parent's peak."""
+    hwm = _status_mb("VmHWM")
+    return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def current_rss_mb() -> float:
+    rss = _status_mb("VmRSS")
+    return rss if rss is not None else rss_statm_mb()
+
+
+# Runs `python -m cyclereg ...` and writes the process's own peak RSS (VmHWM) to stderr at exit.
+PEAK_WRAPPER = """import atexit, runpy, sys
+def _peak():
+    for line in open('/proc/self/status'):
+        if line.startswith('VmHWM:'):
+            sys.stderr.write('\\nPEAK_KIB ' + line.split()[1] + '\\n')
+atexit.register(_peak)
+runpy.run_module('cyclereg', run_name='__main__', alter_sys=True)
+"""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -220,7 +253,7 @@ def maxrss_mb() -> float:
 def scaling_worker(shape, repeats: int, warmup: int) -> dict:
     model, _ = default_model(shape)
     moving, fixed = make_pair(shape)
-    base = maxrss_mb()
+    base = current_rss_mb()  # imports, model and images; the forward's memory comes on top
     phi_t, map_t = [], []
     with torch.inference_mode():
         for k in range(warmup + repeats):
@@ -233,7 +266,7 @@ def scaling_worker(shape, repeats: int, warmup: int) -> dict:
             if k >= warmup:
                 phi_t.append(t1 - t0)
                 map_t.append(t2 - t1)
-    return {"shape": list(shape), "phi": phi_t, "map": map_t, "base_mb": base, "peak_mb": maxrss_mb()}
+    return {"shape": list(shape), "phi": phi_t, "map": map_t, "base_mb": base, "peak_mb": peak_rss_mb()}
 
 
 def memory_worker(shape, pairs: int) -> dict:
@@ -307,9 +340,10 @@ def section_scaling(opts) -> str:
     ref = next((r for r in rows if r["voxels"] >= fit_from), rows[0])
     vox = [r["voxels"] for r in rows]
     tot = [r["total"] for r in rows]
-    inc = [max(r["peak"] - r["base"], 1e-3) for r in rows]
     exp_big, exp_all = growth_exponent(vox, tot, fit_from), growth_exponent(vox, tot)
-    mexp_big, mexp_all = growth_exponent(vox, inc, fit_from), growth_exponent(vox, inc)
+    grown = [(r["voxels"], r["peak"] - r["base"]) for r in rows if r["peak"] - r["base"] > 0]
+    mexp_big = growth_exponent([v for v, _ in grown], [m for _, m in grown], fit_from)
+    mexp_all = growth_exponent([v for v, _ in grown], [m for _, m in grown])
     lines = [f"| size | voxels | Φ = model(moving, fixed) (s) | Φ on the grid (s) | total (s) | ns/voxel | "
              f"voxels vs {shape_name(ref['shape'])} | time vs {shape_name(ref['shape'])} | peak RSS (MiB) | "
              "peak − RSS before the forward (MiB) |", "|---|---|---|---|---|---|---|---|---|---|"]
@@ -329,8 +363,8 @@ def section_scaling(opts) -> str:
             f"parameters, untrained), evaluation mode under `torch.inference_mode()`. Time of Φ = `model(moving, fixed)` "
             f"and of Φ evaluated on the grid (`map_on_grid`); median of {opts.repeats} runs after a warm-up in each of "
             f"{opts.rounds} round(s), every size in a fresh subprocess, the sizes in turn within a round. Peak RSS is "
-            f"the subprocess's `ru_maxrss` (torch and the model included); the last column subtracts the RSS before "
-            f"the first forward. Plot: `{_rel(opts.plot)}`.\n\n" + "\n".join(lines) + "\n\n" + fit)
+            f"the subprocess's own high-water mark (`VmHWM`; torch and the model included); the last column subtracts "
+            f"its RSS just before the first forward (`VmRSS`). Plot: `{_rel(opts.plot)}`.\n\n" + "\n".join(lines) + "\n\n" + fit)
 
 
 def _rel(path) -> str:
@@ -361,7 +395,8 @@ def _plot_scaling(rows, exponent, fit_from, path) -> None:
     a.set_title("time per pair")
     a.legend(fontsize=8)
     b.loglog(vox, [r["peak"] for r in rows], "o-", label="peak RSS")
-    b.loglog(vox, [max(r["peak"] - r["base"], 1e-3) for r in rows], "s--", label="peak − RSS before the forward")
+    grown = [r for r in rows if r["peak"] > r["base"]]
+    b.loglog([r["voxels"] for r in grown], [r["peak"] - r["base"] for r in grown], "s--", label="peak − RSS before the forward")
     b.set_xlabel("voxels")
     b.set_ylabel("MiB")
     b.set_title("memory")
@@ -481,14 +516,20 @@ def _icon_single(shape):
 
 def section_icon(opts) -> str:
     try:
-        import icon_registration  # noqa: F401
+        from importlib import import_module
         from importlib.metadata import version
+
+        import_module("icon_registration")
 
         icon_version = version("icon_registration")
     except Exception as err:  # noqa: BLE001 - any import failure skips the section
         print(f"\n[icon] skipped: cannot import icon_registration ({type(err).__name__}: {err})")
         return ""
     shape = parse_shape(opts.icon_size)
+    if min(shape) < 65:  # tallUNet2 pools 5 times at 1/4 resolution: 17 -> 9 -> 5 -> 3 -> 2 -> 1 at least
+        print(f"\n[icon] skipped: --icon-size {shape_name(shape)} is too small for icon_registration's recipe "
+              "(tallUNet2 at 1/4 resolution needs at least 65 voxels per axis)")
+        return ""
     moving, fixed = make_pair(shape)
     torch.manual_seed(0)
     icon_recipe, icon_single = _icon_recipe(shape), _icon_single(shape)
@@ -619,23 +660,25 @@ def section_shell(opts) -> str:
             sitk.WriteImage(image, str(tmp / f"{name}.nii.gz"))
         labels = sitk.GetImageFromArray((make_pair(shape, seed=5)[0][0, 0].numpy() * 8).astype("uint8"))
         sitk.WriteImage(labels, str(tmp / "labels.nii.gz"))
-        cmd = [sys.executable, "-m", "cyclereg", "register", "--model", str(tmp / "model.safetensors"),
+        cmd = [sys.executable, "-c", PEAK_WRAPPER, "register", "--model", str(tmp / "model.safetensors"),
                "--fixed", str(tmp / "fixed.nii.gz"), "--moving", str(tmp / "moving.nii.gz"),
                "--warped", str(tmp / "warped.nii.gz"), "--moving-labels", str(tmp / "labels.nii.gz"),
                "--warped-labels", str(tmp / "warped_labels.nii.gz"), "--transform", str(tmp / "transform.nii.gz"),
                "--device", "cpu"]
         seconds, peaks = [], []
         for _ in range(opts.shell_repeats):
-            before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
             t0 = time.perf_counter()
-            subprocess.run(cmd, check=True, capture_output=True)
+            proc = subprocess.run(cmd, capture_output=True, text=True)
             seconds.append(time.perf_counter() - t0)
-            peaks.append(max(before, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 2**20)
+            if proc.returncode != 0:
+                raise RuntimeError(f"cyclereg register failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+            kib = [int(line.split()[1]) for line in proc.stderr.splitlines() if line.startswith("PEAK_KIB ")]
+            peaks.append(kib[-1] / 2**20 if kib else math.nan)  # the process's own VmHWM, in GiB
     text = (f"`cyclereg register` on a {shape_name(shape)} pair of NIfTI files (1 mm) with the default 3D model "
             f"(configs/brain3d.toml: 2 mm grid {'x'.join(map(str, grid))}, three U-Net steps; untrained weights, which "
             f"cost the same): warped image, warped labels and displacement field written; a fresh process each time, "
-            f"imports included. Median of {opts.shell_repeats}: **{statistics.median(seconds):.2f} s** wall "
-            f"(all: {', '.join(f'{t:.2f}' for t in seconds)}), peak memory {max(peaks):.2f} GB.")
+            f"imports included; peak memory is the process's own peak RSS (VmHWM). Median of {opts.shell_repeats}: **{statistics.median(seconds):.2f} s** wall "
+            f"(all: {', '.join(f'{t:.2f}' for t in seconds)}), peak memory {max(peaks):.2f} GiB.")
     print(f"\n[shell] {text}", flush=True)
     return "### Registering one pair from the shell\n\n" + text
 
@@ -667,10 +710,15 @@ def main(argv=None) -> None:
     p.add_argument("--plot", help="scaling: where the log-log plot goes")
     p.add_argument("--shell-size", help="shell: image size (tensor order)")
     p.add_argument("--shell-repeats", type=int)
+    p.add_argument("--threads", type=int, help="torch threads here and in every subprocess (default: torch's own); "
+                   "on a shared machine, fewer threads than busy cores avoids OpenMP oversubscription")
     p.add_argument("--worker", choices=["scaling", "memory"], help=argparse.SUPPRESS)
     p.add_argument("--shape", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     defaults = QUICK if args.quick else FULL
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.threads)  # for the subprocesses
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
