@@ -56,7 +56,7 @@ class AffineMap(Transform):
 
 def random_affine_map(n: int, dim: int, strength: float, generator: torch.Generator, device=None,
                       dtype=torch.float32) -> AffineMap:
-    """The random affine map of :func:`cyclereg.data.random_affine` as a map: ``p -> (I + s·E)(p - c) + c + t``
+    """A random affine map (the one :func:`cyclereg.data.random_affine` warps with): ``p -> (I + s·E)(p - c) + c + t``
     about the centre ``c``, ``E`` standard normal ``d × d``, ``t`` normal of std ``s / 2`` (domain units).
     Keep ``strength`` small (about 0.1 or less) so that ``I + s·E`` stays well conditioned."""
     matrix = torch.eye(dim) + strength * torch.randn(n, dim, dim, generator=generator)

@@ -230,22 +230,19 @@ def _cmd_register(args) -> int:
 
 
 def _register_csv(args) -> int:
-    import os
-
+    from . import distributed
     from .register import register_csv
 
     if args.fixed or args.moving or args.warped or args.transform or args.jacobian or args.figure:
         raise UsageError("--pairs-csv replaces --fixed, --moving and the single-pair outputs; use --out-dir and --outputs")
     if not args.out_dir:
         raise UsageError("--pairs-csv needs --out-dir")
-    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    device = _device(args.device)
-    if device.type == "cuda" and world > 1 and device.index is None:  # torchrun: one GPU per process
-        device = __import__("torch").device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    model, info = _load(args, device)
+    # Under torchrun the pairs are split across processes; they never need to talk, so no process group.
+    ctx = distributed.environment(_device(args.device))
+    model, info = _load(args, ctx.device)
     outputs = [o.strip() for o in args.outputs.split(",") if o.strip()]
     for summary in register_csv(model, info, args.pairs_csv, args.out_dir, outputs, args.io_steps, args.io_lr,
-                                rank, world, progress=rank == 0):
+                                ctx.rank, ctx.world, progress=ctx.main):
         print(json.dumps(summary), flush=True)
     return 0
 

@@ -103,15 +103,11 @@ def random_affine(images: torch.Tensor, strength: float, generator: torch.Genera
     (rotation, scaling and shear together) and ``t`` normal of standard deviation ``strength / 2``
     in the ``[0, 1]`` domain (:mod:`cyclereg.coords`); parameters are drawn from ``generator``.
     """
-    from .coords import identity_grid
-    from .transforms import sample
+    from .augment import random_affine_map
+    from .transforms import warp
 
-    n, d = images.shape[0], images.ndim - 2
-    matrix = torch.eye(d) + strength * torch.randn(n, d, d, generator=generator)
-    shift = 0.5 * strength * torch.randn(n, d, generator=generator)
-    grid = identity_grid(images.shape[2:]).flatten(2) - 0.5  # (1, d, P)
-    points = torch.einsum("nij,bjp->nip", matrix, grid) + 0.5 + shift[..., None]
-    return sample(images, points.view(n, d, *images.shape[2:]))
+    affine = random_affine_map(images.shape[0], images.ndim - 2, strength, generator, images.device, images.dtype)
+    return warp(images, affine)
 
 
 def random_pairs(n_images: int, n_pairs: int, generator: torch.Generator) -> torch.Tensor:

@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from .errors import UsageError
 
-__all__ = ["Context", "setup", "teardown"]
+__all__ = ["Context", "environment", "setup", "teardown"]
 
 
 @dataclass(frozen=True)
@@ -71,25 +71,30 @@ class Context:
             dist.barrier()
 
 
-def setup(device: torch.device | None) -> Context:
-    """Join the process group that ``torchrun`` describes in the environment, if there is one.
+def environment(device: torch.device | None) -> Context:
+    """This process's rank, number of processes and device as ``torchrun`` describes them in the
+    environment (one process on ``device`` without it), without joining a process group.
     ``device``: the user's choice (``cuda`` means this rank's GPU ``LOCAL_RANK``)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Context(device=device or torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = (device.type == "cuda") if device is not None else torch.cuda.is_available()
-    if use_cuda:
-        if local >= torch.cuda.device_count():
-            raise UsageError(f"LOCAL_RANK {local}: this machine has {torch.cuda.device_count()} GPUs; "
-                             "use --nproc_per_node at most that, or --device cpu")
-        torch.cuda.set_device(local)
-        device = torch.device("cuda", local)
-    else:
-        device = torch.device("cpu")
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-    return Context(rank, world, device)
+    if not use_cuda:
+        return Context(rank, world, torch.device("cpu"))
+    if local >= torch.cuda.device_count():
+        raise UsageError(f"LOCAL_RANK {local}: this machine has {torch.cuda.device_count()} GPUs; "
+                         "use --nproc_per_node at most that, or --device cpu")
+    torch.cuda.set_device(local)
+    return Context(rank, world, torch.device("cuda", local))
+
+
+def setup(device: torch.device | None) -> Context:
+    """:func:`environment`, and join the process group it describes, if there is one."""
+    ctx = environment(device)
+    if ctx.active and not dist.is_initialized():
+        dist.init_process_group("nccl" if ctx.device.type == "cuda" else "gloo")
+    return ctx
 
 
 def teardown(ctx: Context) -> None:

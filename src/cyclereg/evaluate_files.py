@@ -97,7 +97,7 @@ def _score_pair(model, info, row: dict, labels, io_steps, io_lr) -> dict:
         fixed_labels = sitk.GetArrayFromImage(read_image(row["fixed_labels"], "fixed_labels")).astype(np.int64)
         if fixed_labels.shape != tuple(reversed(g_fixed.size)):
             raise DataError(f"fixed_labels {row['fixed_labels']} does not have the fixed image's size")
-        warped = warp_image(pair.moving_labels, grid.moving_domain, nearest=True, role="moving_labels")
+        warped = warp_image(pair.moving_labels, grid.moving_domain, nearest=True)
         warped = warped.round().long().cpu().numpy()
         chosen = labels or sorted(int(v) for v in np.unique(fixed_labels) if v != 0)
         dice = dice_labels(torch.from_numpy(warped)[None], torch.from_numpy(fixed_labels)[None], chosen)[0].numpy()

@@ -43,27 +43,33 @@ def read_image(path, role: str = "image") -> sitk.Image:
         raise DataError(f"{name} does not exist")
     if path.is_dir():
         image = _read_dicom_series(path, role)
-    else:
-        if path.stat().st_size == 0:
-            raise DataError(f"{name} is an empty file")
-        reader = sitk.ImageFileReader()
-        reader.SetFileName(str(path))
-        with _itk_messages(name, "cannot be read as an image"):
-            reader.ReadImageInformation()
-        _check_header(name, reader.GetDimension(), reader.GetSize(), reader.GetNumberOfComponents())
-        if path.suffix.lower() == ".gz":
-            _check_gzip(path, name)
-        if path.name.lower().endswith((".nii", ".nii.gz")) and reader.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64):
-            _check_nifti_finite(path, name)
-        with _itk_messages(name, "cannot be read as an image"):
-            image = reader.Execute()
-    _check_header(name, image.GetDimension(), image.GetSize(), image.GetNumberOfComponentsPerPixel())
-    array = sitk.GetArrayViewFromImage(image)
-    if array.dtype.kind == "f":
-        bad = int(array.size - np.count_nonzero(np.isfinite(array)))
+        _check_header(name, image.GetDimension(), image.GetSize(), image.GetNumberOfComponentsPerPixel())
+        _check_finite(sitk.GetArrayViewFromImage(image), name)
+        return image
+    if path.stat().st_size == 0:
+        raise DataError(f"{name} is an empty file")
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    with _itk_messages(name, "cannot be read as an image"):
+        reader.ReadImageInformation()
+    _check_header(name, reader.GetDimension(), reader.GetSize(), reader.GetNumberOfComponents())
+    nifti_float = (path.name.lower().endswith((".nii", ".nii.gz"))
+                   and reader.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64))
+    raw = _gunzip(path, name, keep=nifti_float) if path.suffix.lower() == ".gz" else None
+    if nifti_float:
+        _check_nifti_finite(path, name, raw)
+    with _itk_messages(name, "cannot be read as an image"):
+        image = reader.Execute()
+    if not nifti_float:  # NIfTI floats were checked above, before ITK's reader replaced NaN and Inf by 0
+        _check_finite(sitk.GetArrayViewFromImage(image), name)
+    return image
+
+
+def _check_finite(values: np.ndarray, name: str) -> None:
+    if values.dtype.kind == "f":
+        bad = int(values.size - np.count_nonzero(np.isfinite(values)))
         if bad:
             raise DataError(f"{name} holds {bad} NaN or infinite voxel(s); expected finite values")
-    return image
 
 
 def _check_header(name: str, dim: int, size, components: int) -> None:
@@ -86,28 +92,35 @@ def _memory_bytes() -> float:
         return float("inf")
 
 
-def _check_gzip(path: Path, name: str) -> None:
-    """A gzip file must decompress to its end: SimpleITK reads a truncated one without complaint."""
+def _gunzip(path: Path, name: str, keep: bool) -> bytes | None:
+    """Decompress a gzip file to its end, which must be there: SimpleITK reads a truncated one
+    without complaint. Returns the content if ``keep``, else reads it in chunks and returns None."""
     try:
         with gzip.open(path, "rb") as f:
+            if keep:
+                return f.read()
             while f.read(1 << 24):
                 pass
+            return None
     except (EOFError, OSError, zlib.error) as err:
         raise DataError(f"{name} is a damaged or truncated gzip file ({err})") from None
 
 
-def _check_nifti_finite(path: Path, name: str) -> None:
+def _check_nifti_finite(path: Path, name: str, raw: bytes | None = None) -> None:
     """ITK's NIfTI reader (before ITK 6) turns NaN and infinite voxels into 0 without a word, so
-    NIfTI files with float voxels are checked with nibabel, which reads the stored values."""
+    NIfTI files with float voxels are checked with nibabel, which reads the stored values (from
+    ``raw``, the file already decompressed, when given: NIfTI-1, the common kind)."""
     import nibabel
 
     try:
-        values = np.asanyarray(nibabel.load(str(path)).dataobj)
+        try:
+            image = nibabel.Nifti1Image.from_bytes(raw) if raw is not None else nibabel.load(str(path))
+        except nibabel.spatialimages.HeaderDataError:  # not NIfTI-1 (NIfTI-2): let nibabel read the file
+            image = nibabel.load(str(path))
+        values = np.asanyarray(image.dataobj)
     except Exception as err:  # noqa: BLE001 - nibabel raises many types for damaged files
         raise DataError(f"{name} cannot be read as a NIfTI image ({err})") from None
-    bad = int(values.size - np.count_nonzero(np.isfinite(values)))
-    if bad:
-        raise DataError(f"{name} holds {bad} NaN or infinite voxel(s); expected finite values")
+    _check_finite(values, name)
 
 
 @contextlib.contextmanager
@@ -152,12 +165,9 @@ def _read_dicom_series(folder: Path, role: str) -> sitk.Image:
         return reader.Execute()
 
 
-def image_to_tensor(image: sitk.Image, role: str = "image") -> torch.Tensor:
-    """``(1, 1, *spatial)`` float32 tensor of a scalar image; non-finite voxels are an error."""
-    array = sitk.GetArrayFromImage(image).astype(np.float32)
-    if not np.isfinite(array).all():
-        raise DataError(f"{role} holds NaN or infinite voxels")
-    return torch.from_numpy(array)[None, None]
+def image_to_tensor(image: sitk.Image) -> torch.Tensor:
+    """``(1, 1, *spatial)`` float32 tensor of a scalar image (finite: :func:`read_image` checked it)."""
+    return torch.from_numpy(sitk.GetArrayFromImage(image).astype(np.float32))[None, None]
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,7 @@ class Step(nn.Module):
     def __init__(self, network: nn.Module, factor: int = 1):
         super().__init__()
         self.network, self.factor = network, factor
-        self.channels_last = False  # 3D: run the network in channels-last layout (see use_channels_last)
+        self.channels_last = False  # run the network in channels-last layout (see use_channels_last)
         self.checkpointing = False  # training: keep no activations, recompute them in the backward pass
 
     def forward(self, moving, fixed) -> DisplacementField:

@@ -38,7 +38,7 @@ class ModelInfo:
     config: Config
     shape: tuple
     preprocess: Preprocessing = Preprocessing()
-    training: dict = field(default_factory=dict)  # data summary, steps, seconds, final held-out scores
+    training: dict = field(default_factory=dict)  # data summary, steps, processes, data wait, final held-out scores
 
     @property
     def dim(self) -> int:

@@ -175,11 +175,11 @@ def sample_like_itk(image: torch.Tensor, points: torch.Tensor, geometry: Geometr
     return values * geometry.inside(points)
 
 
-def warp_image(image: sitk.Image, points: torch.Tensor, nearest: bool = False, role: str = "--moving") -> torch.Tensor:
+def warp_image(image: sitk.Image, points: torch.Tensor, nearest: bool = False) -> torch.Tensor:
     """``image`` at its domain ``points (1, d, *S)`` with ITK's rules: a tensor ``S`` (float64 when
     ``nearest``, so that label values stay exact)."""
     dtype = torch.float64 if nearest else torch.float32
-    values = image_to_tensor(image, role).to(points.device, dtype)
+    values = image_to_tensor(image).to(points.device, dtype)
     return sample_like_itk(values, points.to(dtype), Geometry.of(image), nearest)[0, 0]
 
 
@@ -194,7 +194,7 @@ def write_outputs(reg: Registration, device=None, warped=None, transform=None, j
     warped_image = warp_image(pair.moving, grid.moving_domain) if warped or figure else None
     warped_lab = None
     if pair.moving_labels is not None and (warped_labels or figure):
-        warped_lab = warp_image(pair.moving_labels, grid.moving_domain, nearest=True, role="--moving-labels")
+        warped_lab = warp_image(pair.moving_labels, grid.moving_domain, nearest=True)
     if warped:
         write_image(warped, warped_image, pair.fixed, pair.moving.GetPixelID())
     if warped_labels:
@@ -205,7 +205,7 @@ def write_outputs(reg: Registration, device=None, warped=None, transform=None, j
         from .slices import orthogonal_slices_figure
 
         before = warp_image(pair.moving, g_moving.from_physical(grid.fixed_physical.double()))
-        fixed = image_to_tensor(pair.fixed, "--fixed")[0, 0]
+        fixed = image_to_tensor(pair.fixed)[0, 0]
         orthogonal_slices_figure(figure, fixed.numpy(), before.cpu().numpy(), warped_image.cpu().numpy(),
                                  points=g_fixed.from_physical(grid.moving_physical.double())[0].cpu().numpy(),
                                  warped_labels=None if warped_lab is None else warped_lab.cpu().numpy(),

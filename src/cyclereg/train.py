@@ -238,10 +238,9 @@ def _train(cfg: Config, out: Path, resume: bool, ctx: Context, progress: bool) -
             moving, fixed = moving.to(device, non_blocking=True), fixed.to(device, non_blocking=True)
             with autocast:
                 loss, terms = loss_fn(moving, fixed, settings)
-            values = ctx.mean(torch.stack([loss, *terms.values()]))
-            if not torch.isfinite(values).all():
-                names = ["total", *terms]
-                bad = [names[i] for i in range(1, len(names)) if not torch.isfinite(values[i])] or ["total"]
+            reduced = ctx.mean(torch.stack([loss, *terms.values()]))  # [total, *terms], averaged over ranks
+            if not torch.isfinite(reduced).all():
+                bad = [k for k, v in zip(terms, reduced[1:]) if not torch.isfinite(v)] or ["total"]
                 raise DataError(f"training stopped: loss term {bad[0]!r} is not finite at step {step + 1}; "
                                 f"the last checkpoint in {out} is kept")
             optimizer.zero_grad(set_to_none=True)
@@ -249,10 +248,10 @@ def _train(cfg: Config, out: Path, resume: bool, ctx: Context, progress: bool) -
             optimizer.step()
             step += 1
             bar.update(1)
-            values = dict(zip(terms, values[1:].tolist())) | {"loss": float(values[0])}
-            bar.set_postfix({k: f"{v:.4g}" for k, v in values.items() if k != "loss"}, refresh=False)
+            values = dict(zip(terms, reduced[1:].tolist()))
+            bar.set_postfix({k: f"{v:.4g}" for k, v in values.items()}, refresh=False)
             if step % cfg.train.log_every == 0 or step == total:
-                log({"step": step, "loss": values.pop("loss"), **values, "lam": stage.lam,
+                log({"step": step, "loss": float(reduced[0]), **values, "lam": stage.lam,
                      "seconds": time.perf_counter() - t_start, "data_wait": loader.wait})
             if step % cfg.train.val_every == 0 and step < total and ctx.main:
                 scores = validate()

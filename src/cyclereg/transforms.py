@@ -73,7 +73,7 @@ class DisplacementField(Transform):
 
     def displacement_on_grid(self, grid):
         if grid.shape[2:] == self.field.shape[2:]:  # the field's own nodes: its values, no interpolation
-            return self.field.expand(grid.shape[0], *self.field.shape[1:]) if self.field.shape[0] == 1 else self.field
+            return self.field.expand(grid.shape[0], *self.field.shape[1:])
         return self.displacement(grid)
 
     def take(self, index):
