@@ -99,3 +99,22 @@ def test_bfloat16_and_checkpointing_train_through_the_command_line(tmp_path):
     losses = [r["loss"] for r in records if "loss" in r]
     assert len(losses) == 3 and np.isfinite(losses).all()
     assert all(r["data_wait"] >= 0 for r in records if "loss" in r)
+
+
+def test_learning_rate_schedule_per_stage():
+    from cyclereg.train import learning_rate, stage_schedule
+
+    raw = tiny_config_dict()
+    raw["model"]["steps"] = [{"network": "unet"}, {"network": "unet"}]
+    raw["train"].update(steps=100, lr=1e-3, stages=[{"fraction": 0.6, "train": [0]}, {"fraction": 0.4, "train": [1]}])
+    cfg = config_from_dict(raw)
+    stages = stage_schedule(cfg)
+    assert [learning_rate(cfg, stages, s) for s in (0, 59, 60, 99)] == [1e-3] * 4  # constant by default
+    raw["train"].update(lr_schedule="cosine", warmup=10)
+    cfg = config_from_dict(raw)
+    lrs = [learning_rate(cfg, stages, s) for s in range(100)]
+    assert lrs[0] == 1e-4 and lrs[9] == 1e-3  # linear warm-up at the start of each stage
+    assert lrs[60] == 1e-4 and lrs[69] == 1e-3
+    first, second = lrs[9:60], lrs[69:]
+    assert all(a >= b for a, b in zip(first, first[1:])) and all(a >= b for a, b in zip(second, second[1:]))
+    assert lrs[59] < 0.01e-3 and lrs[99] < 0.01e-3  # decays towards 0 at each stage's end

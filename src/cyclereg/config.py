@@ -87,6 +87,8 @@ class TrainConfig:
     batch_size: int = 128
     lr: float = 1e-3
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # Adam's (CycleMorph's authors: 0.5, 0.999)
+    lr_schedule: str = "constant"  # constant, or cosine: decays to 0 over each stage (train.stages)
+    warmup: int = 0  # steps of linear warm-up at the start of each stage
     seed: int = 0
     log_every: int = 10
     val_every: int = 500
@@ -201,6 +203,8 @@ def _check(cfg: Config) -> None:
     need(t.batch_size >= 1, "train.batch_size", "a batch size >= 1", t.batch_size)
     need(t.lr > 0, "train.lr", "a learning rate > 0", t.lr)
     need(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), "train.betas", "two numbers in [0, 1)", t.betas)
+    need(t.lr_schedule in ("constant", "cosine"), "train.lr_schedule", "'constant' or 'cosine'", t.lr_schedule)
+    need(t.warmup >= 0, "train.warmup", "a number of steps >= 0", t.warmup)
     need(t.workers >= 0, "train.workers", "a number of threads >= 0", t.workers)
     need(t.precision in ("float32", "bfloat16"), "train.precision", "'float32' or 'bfloat16'", t.precision)
     for name in ("log_every", "val_every", "checkpoint_every"):

@@ -13,6 +13,7 @@ A run writes into its output folder:
 from __future__ import annotations
 
 import json
+import math
 import pickle
 import signal
 import threading
@@ -37,7 +38,7 @@ from .evaluate import score_pairs, summarise
 from .methods import loss_terms, settings_from_config, use_channels_last
 from .modelfile import ModelInfo, build_from_info, save_model
 
-__all__ = ["train", "stage_schedule"]
+__all__ = ["train", "stage_schedule", "learning_rate"]
 
 
 @dataclass
@@ -58,6 +59,24 @@ def stage_schedule(cfg: Config) -> list[Stage]:
         stages.append(Stage(round(done * cfg.train.steps), s.lam if s.lam >= 0 else cfg.model.lam, s.train or every))
     stages[-1].end = cfg.train.steps
     return stages
+
+
+def learning_rate(cfg: Config, stages: list[Stage], step: int) -> float:
+    """Adam's learning rate for training step ``step`` (0-based), a function of the step alone so a
+    resumed run follows the same schedule: ``train.warmup`` steps of linear warm-up at the start of
+    each stage, then ``train.lr`` (``constant``) or a cosine decay from ``train.lr`` towards 0 at the
+    stage's end."""
+    start = 0
+    for stage in stages:
+        if step < stage.end:
+            break
+        start = stage.end
+    t, warmup = step - start, cfg.train.warmup
+    if t < warmup:
+        return cfg.train.lr * (t + 1) / warmup
+    if cfg.train.lr_schedule == "cosine":
+        return cfg.train.lr * 0.5 * (1 + math.cos(math.pi * (t - warmup) / max(stage.end - start - warmup, 1)))
+    return cfg.train.lr
 
 
 def _save_checkpoint(path: Path, model, optimizer, step: int, cfg: Config, ctx: Context) -> None:
@@ -245,13 +264,15 @@ def _train(cfg: Config, out: Path, resume: bool, ctx: Context, progress: bool) -
                                 f"the last checkpoint in {out} is kept")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(cfg, stages, step)
             optimizer.step()
             step += 1
             bar.update(1)
             values = dict(zip(terms, reduced[1:].tolist()))
             bar.set_postfix({k: f"{v:.4g}" for k, v in values.items()}, refresh=False)
             if step % cfg.train.log_every == 0 or step == total:
-                log({"step": step, "loss": float(reduced[0]), **values, "lam": stage.lam,
+                log({"step": step, "loss": float(reduced[0]), **values, "lam": stage.lam, "lr": optimizer.param_groups[0]["lr"],
                      "seconds": time.perf_counter() - t_start, "data_wait": loader.wait})
             if step % cfg.train.val_every == 0 and step < total and ctx.main:
                 scores = validate()
