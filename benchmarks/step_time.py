@@ -63,7 +63,7 @@ def main(argv=None) -> None:
     for (method, lam), (net_name, channels) in itertools.product((("icon", 256.0), ("gradicon", 0.05)), networks):
         torch.manual_seed(0)
         if channels is None:
-            ours = RegistrationModel([Step(_PairInput(reference_icon.networks.tallUNet2(dimension=2)))])
+            ours = RegistrationModel([Step(_PairInput(reference_icon.networks.tallUNet2(dimension=2)), units="domain")])
         else:
             ours = build_model([{"network": "unet", "params": {"channels": channels}}], 2, (args.size, args.size))
         use_channels_last(ours, 2)

@@ -160,7 +160,7 @@ CASES = [
      "--fixed {c}/volume.nii.gz is 3D but the model registers 2D images"),
     ("newer model format", ["register", "--model", "{c}/newer.safetensors", "--fixed", "{c}/fixed.nii.gz",
                             "--moving", "{c}/moving.nii.gz", "--warped", "{out}/w.nii.gz"], 1,
-     "model file {c}/newer.safetensors has format version 99; this cyclereg {version} reads up to 2"),
+     "model file {c}/newer.safetensors has format version 99; this cyclereg {version} reads up to 3"),
     ("tampered model", ["register", "--model", "{c}/tampered.safetensors", "--fixed", "{c}/fixed.nii.gz",
                         "--moving", "{c}/moving.nii.gz", "--warped", "{out}/w.nii.gz"], 1,
      "model file {c}/tampered.safetensors: weights do not match their SHA-256 (file altered or damaged)"),

@@ -7,6 +7,7 @@ from torch import nn
 from cyclereg.config import config_from_dict
 from cyclereg.data import dataset_images, fixed_pairs
 from cyclereg.evaluate import score_pairs, summarise
+from cyclereg.coords import voxel_scale
 from cyclereg.losses import inverse_consistency, random_points
 from cyclereg.methods import LossSettings, RegistrationModel, Step, build_model, downsample, loss_terms
 from cyclereg.modelfile import build_from_info, load_model
@@ -66,7 +67,7 @@ class _MeanShift(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.gain = nn.Parameter(torch.tensor(0.3))
+        self.gain = nn.Parameter(torch.tensor(3.0))  # voxels per unit of mean difference
 
     def forward(self, pair):
         d = pair.ndim - 2
@@ -89,6 +90,26 @@ def test_symmetric_methods_pair_each_map_with_its_reverse():
     points = random_points(3, shape)
     assert inverse_consistency(phi_ab.take(torch.tensor([1, 2, 0])), phi_ba, points).min() > 1e-4
     assert inverse_consistency(phi_ab, phi_ba, points).max() < 1e-12
+
+
+class _OneVoxel(nn.Module):
+    """A stand-in network that answers one voxel along every axis, wherever it looks."""
+
+    def forward(self, pair):
+        return torch.ones(pair.shape[0], pair.ndim - 2, *pair.shape[2:])
+
+
+@pytest.mark.parametrize("factor", [1, 2])
+def test_a_step_reads_its_network_in_voxels_of_the_grid_it_sees(factor):
+    """The same network gives the same shift in voxels on a small grid, on a larger field of view and
+    on a patch: a convolutional network sees shifts in voxels, not in fractions of the image."""
+    step = Step(_OneVoxel(), factor)
+    for shape in [(9, 13), (17, 25, 33)]:
+        images = torch.zeros(1, 1, *shape)
+        coarse = [(n - 1) // factor + 1 for n in shape]
+        field = step(images, images).field
+        assert tuple(field.shape[2:]) == tuple(coarse)
+        torch.testing.assert_close(field * voxel_scale(coarse), torch.ones_like(field))
 
 
 def test_a_two_step_model_composes_its_steps():

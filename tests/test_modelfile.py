@@ -118,6 +118,7 @@ def test_newer_or_unknown_format_version_is_refused(tmp_path, version):
     ({"preprocess": "low"}, "inconsistent header"),
     ({"preprocess": json.dumps({"intensity": "loud"})}, "inconsistent header"),
     ({"preprocess": json.dumps({"spacing": [1.0, -2.0]})}, "inconsistent header"),
+    ({"field_units": "furlongs"}, "inconsistent header"),
 ])
 def test_inconsistent_headers_are_refused(tmp_path, changes, message):
     path, _, _ = _save(tmp_path)
@@ -132,6 +133,19 @@ def test_format_version_1_files_still_load(tmp_path):
     _rewrite(path, format_version="1", preprocess=None, intensity=json.dumps([-1.0, 1.0]))
     _, info = load_model(path)
     assert info.preprocess == Preprocessing(range=(-1.0, 1.0))
+
+
+def test_files_before_format_3_read_network_outputs_in_domain_units(tmp_path):
+    """Format 3 reads a network's output in voxels of the grid it sees; older files keep their meaning."""
+    path, model, _ = _save(tmp_path)
+    _, info = load_model(path)
+    assert info.field_units == "voxels"
+    _rewrite(path, format_version="2", field_units=None)
+    old, info = load_model(path)
+    assert info.field_units == "domain"
+    moving, fixed = smooth_image((16, 16), seed=1), smooth_image((16, 16), seed=2)
+    with torch.no_grad():
+        torch.testing.assert_close(old.steps[0](moving, fixed).field, model.steps[0](moving, fixed).field * 15)
 
 
 def test_weights_of_another_architecture_are_refused(tmp_path):

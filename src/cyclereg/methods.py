@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .losses import SIMILARITIES, _gaussian_blur, diffusion, gradient_inverse_consistency, inverse_consistency, ncc, random_points
-from .coords import identity_grid
+from .coords import identity_grid, voxel_scale
 from .networks import build_network
 from .transforms import DisplacementField, Transform, map_on_grid, warp
 
@@ -36,11 +36,19 @@ def downsample(images: torch.Tensor, factor: int) -> torch.Tensor:
 
 class Step(nn.Module):
     """One network predicting a displacement field, optionally on images downsampled by ``factor``
-    (the field is then evaluated at full resolution by interpolation)."""
+    (the field is then evaluated at full resolution by interpolation).
 
-    def __init__(self, network: nn.Module, factor: int = 1):
+    The network's output is read in voxels of the grid it sees (``units="voxels"``) and turned into
+    domain units here. A convolutional network sees shifts in voxels, so it then predicts the same
+    field whatever the grid's extent: on a scan with a larger field of view, or on a patch
+    (:mod:`cyclereg.multiscale`). It also keeps Adam's steps on the output layer small in domain
+    units. ``units="domain"`` reads the output as domain units, as model files before format 3 did."""
+
+    def __init__(self, network: nn.Module, factor: int = 1, units: str = "voxels"):
         super().__init__()
-        self.network, self.factor = network, factor
+        if units not in ("voxels", "domain"):
+            raise ValueError(f"Step: units must be 'voxels' or 'domain', got {units!r}")
+        self.network, self.factor, self.units = network, factor, units
         self.channels_last = False  # run the network in channels-last layout (see use_channels_last)
         self.checkpointing = False  # training: keep no activations, recompute them in the backward pass
 
@@ -53,6 +61,8 @@ class Step(nn.Module):
                                context_fn=lambda: (contextlib.nullcontext(), _running_stats_kept(self.network)))
         else:
             field = self.network(pair)
+        if self.units == "voxels":
+            field = field / voxel_scale(pair.shape[2:], field.device, field.dtype)
         return DisplacementField(field.contiguous())
 
 
@@ -264,16 +274,16 @@ def compile_networks(model: nn.Module, shape, device=None) -> float:
     return time.perf_counter() - start
 
 
-def build_model(steps_config, dim: int, shape, method: str = "icon", shared: bool = False):
+def build_model(steps_config, dim: int, shape, method: str = "icon", shared: bool = False, units: str = "voxels"):
     """Build a model from step descriptions ``[{"network": "unet", "downsample": 1, "params": {}}]``;
-    for ``method="cyclemorph"`` two such models (one if ``shared``)."""
+    for ``method="cyclemorph"`` two such models (one if ``shared``). ``units``: see :class:`Step`."""
 
     def one():
         steps = []
         for spec in steps_config:
             factor = int(spec.get("downsample", 1))
             step_shape = tuple((n - 1) // factor + 1 for n in shape) if shape is not None else None
-            steps.append(Step(build_network(spec["network"], dim, step_shape, **dict(spec.get("params", {}))), factor))
+            steps.append(Step(build_network(spec["network"], dim, step_shape, **dict(spec.get("params", {}))), factor, units))
         return RegistrationModel(steps)
 
     if method == "cyclemorph":

@@ -28,7 +28,7 @@ from .methods import RegistrationModel, build_model, use_channels_last
 from .preprocess import Preprocessing
 
 FORMAT = "cyclereg-model"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 
 __all__ = ["ModelInfo", "save_model", "load_model", "weights_digest"]
 
@@ -39,6 +39,7 @@ class ModelInfo:
     shape: tuple
     preprocess: Preprocessing = Preprocessing()
     training: dict = field(default_factory=dict)  # data summary, steps, processes, data wait, final held-out scores
+    field_units: str = "voxels"  # how the networks' outputs are read (methods.Step); "domain" before format 3
 
     @property
     def dim(self) -> int:
@@ -62,7 +63,7 @@ def weights_digest(tensors: dict) -> str:
 def build_from_info(info: ModelInfo) -> RegistrationModel:
     m = info.config.model
     steps = [{"network": s.network, "downsample": s.downsample, "params": s.params} for s in m.steps]
-    return build_model(steps, info.dim, info.shape, method=m.method, shared=m.shared)
+    return build_model(steps, info.dim, info.shape, method=m.method, shared=m.shared, units=info.field_units)
 
 
 def save_model(path, model: RegistrationModel, info: ModelInfo) -> None:
@@ -76,6 +77,7 @@ def save_model(path, model: RegistrationModel, info: ModelInfo) -> None:
         "shape": json.dumps(list(info.shape)),
         "preprocess": json.dumps(info.preprocess.to_dict()),
         "training": json.dumps(info.training),
+        "field_units": info.field_units,
         "weights_sha256": weights_digest(tensors),
     }
     with atomic_path(path) as tmp:
@@ -106,7 +108,7 @@ def load_model(path, device="cpu") -> tuple[RegistrationModel, ModelInfo]:
         else:
             prep = Preprocessing.from_dict(json.loads(meta["preprocess"]))
         info = ModelInfo(config_from_dict(json.loads(meta["config"])), tuple(json.loads(meta["shape"])), prep,
-                         json.loads(meta.get("training", "{}")))
+                         json.loads(meta.get("training", "{}")), meta.get("field_units", "domain"))
         model = build_from_info(info)
         model.load_state_dict(tensors)
     except (CycleregError, KeyError, ValueError, RuntimeError, TypeError) as err:
