@@ -98,10 +98,10 @@ def score(pair: dict, displacement: torch.Tensor, eval_labels) -> dict:
             "folded_percent": 100.0 * float((det <= 0).double().mean())}
 
 
-def run_cyclereg(model, info, pair):
+def run_cyclereg(model, info, pair, io_steps=0, io_lr=2e-4):
     fixed, moving = sitk.ReadImage(str(pair["fixed"])), sitk.ReadImage(str(pair["moving"]))
     t0 = time.perf_counter()
-    reg = register_pair(model, info, Pair(fixed, moving))
+    reg = register_pair(model, info, Pair(fixed, moving), io_steps, io_lr)
     displacement = on_fixed_grid(reg).displacement[0]
     return displacement, time.perf_counter() - t0
 
@@ -159,6 +159,8 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=4)
     parser.add_argument("--deform", type=float, default=2.0, help="RMS of each image's random deformation, in evaluation voxels")
     parser.add_argument("--skip-syn", action="store_true")
+    parser.add_argument("--io-steps", type=int, default=0, help="also cyclereg with instance optimisation of this many steps")
+    parser.add_argument("--io-lr", type=float, default=5e-4)
     parser.add_argument("--full-res", action="store_true", help="also time `cyclereg register` at 160x192x224")
     parser.add_argument("--note", default="", help="a line added to the report (how the model was trained)")
     args = parser.parse_args()
@@ -167,7 +169,11 @@ def main() -> None:
     model, info = load_model(args.model)
     from reference_classical import demons_register, syn_register
 
-    methods = {"cyclereg": lambda p: run_cyclereg(model, info, p), "demons (SimpleITK)": lambda p: run_reference(demons_register, p)}
+    methods = {"cyclereg": lambda p: run_cyclereg(model, info, p)}
+    if args.io_steps:
+        methods[f"cyclereg + instance optimisation ({args.io_steps} steps, lr {args.io_lr:g})"] = \
+            lambda p: run_cyclereg(model, info, p, args.io_steps, args.io_lr)
+    methods["demons (SimpleITK)"] = lambda p: run_reference(demons_register, p)
     if not args.skip_syn:
         methods["SyN (antspyx)"] = lambda p: run_reference(syn_register, p)
     with tempfile.TemporaryDirectory() as tmp:
