@@ -29,6 +29,9 @@ def variants(icon_lambdas):
         ("GradICON, MSE, λ=0.5", {"method": "gradicon", "similarity": "mse", "lam": 0.5}),
         ("CycleMorph, two networks (LNCC 9, λ_R=1, α=0.1, β=0.5)", {"method": "cyclemorph", "similarity": "lncc_box", "lam": 1.0}),
         ("CycleMorph, shared network (same)", {"method": "cyclemorph", "similarity": "lncc_box", "lam": 1.0, "shared": True}),
+        # The similarity ICON and GradICON use here; λ_R scaled with it (MSE is about a tenth of 1 - LNCC).
+        ("CycleMorph, two networks (MSE, λ_R=0.1, α=0.1, β=0.5)", {"method": "cyclemorph", "similarity": "mse", "lam": 0.1}),
+        ("CycleMorph, shared network (MSE, same)", {"method": "cyclemorph", "similarity": "mse", "lam": 0.1, "shared": True}),
         ("diffusion, MSE, λ=0.1", {"method": "diffusion", "similarity": "mse", "lam": 0.1}),
     ]
     return out

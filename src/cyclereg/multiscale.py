@@ -46,7 +46,9 @@ def refine_in_patches(step, moving: torch.Tensor, fixed: torch.Tensor, patch, ov
     """Run a full-resolution step on overlapping patches and blend the patch fields.
 
     ``step(moving_patch, fixed_patch)`` returns a :class:`DisplacementField` in the patch's own
-    ``[0, 1]`` domain; it is rescaled to the whole image's domain before blending.
+    ``[0, 1]`` domain; it is rescaled to the whole image's domain before blending. A step reads its
+    network in voxels (:class:`cyclereg.methods.Step`), so a network trained on whole images predicts
+    the same displacements on a patch.
     """
     shape = tuple(fixed.shape[2:])
     d = len(shape)
