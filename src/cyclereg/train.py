@@ -185,7 +185,9 @@ def train(cfg: Config, out, resume: bool = False, device=None, progress: bool = 
     (:mod:`cyclereg.distributed`); ``train.batch_size`` is then the batch of each process."""
     ctx = distributed.setup(torch.device(device) if device else None)
     try:
-        return _train(cfg, Path(out), resume, ctx, progress and ctx.main)
+        path = _train(cfg, Path(out), resume, ctx, progress and ctx.main)
+        ctx.barrier()  # the ranks leave together: rank 0 finishes last (validation, the model file)
+        return path
     finally:
         distributed.teardown(ctx)
 
