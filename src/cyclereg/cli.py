@@ -159,13 +159,10 @@ def _cmd_evaluate(args) -> int:
         from .evaluate_files import evaluate_csv, parse_labels
 
         labels = parse_labels(args.labels)
-        ctx = distributed.setup(_device(args.device))  # under torchrun: the pairs are split across processes
-        try:
+        with distributed.session(_device(args.device)) as ctx:  # under torchrun: the pairs are split across processes
             model, info = _load(args, ctx.device)
             summary = evaluate_csv(model, info, args.pairs_csv, io_steps=args.io_steps, io_lr=args.io_lr,
                                    labels=labels, per_pair=args.per_pair, ctx=ctx)
-        finally:
-            distributed.teardown(ctx)
         if summary is None:  # not rank 0: rank 0 reports
             return 0
     else:

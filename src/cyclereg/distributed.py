@@ -1,7 +1,7 @@
 """Training on several processes with PyTorch's DistributedDataParallel, started by ``torchrun``.
 
 ``torchrun --nproc_per_node N -m cyclereg train CONFIG --out RUN`` sets ``RANK``, ``WORLD_SIZE`` and
-``LOCAL_RANK`` for each process; :func:`setup` sees them and joins the process group (NCCL on GPUs,
+``LOCAL_RANK`` for each process; :func:`session` sees them and joins the process group (NCCL on GPUs,
 gloo on CPU). Without them, training runs in one process and nothing here does anything.
 
 How the work is shared, so that N processes with ``train.batch_size = B`` compute what one process
@@ -17,6 +17,7 @@ computes with a batch of ``N·B``:
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -25,7 +26,7 @@ import torch.distributed as dist
 
 from .errors import UsageError
 
-__all__ = ["Context", "environment", "setup", "teardown"]
+__all__ = ["Context", "environment", "session"]
 
 
 @dataclass(frozen=True)
@@ -89,14 +90,17 @@ def environment(device: torch.device | None) -> Context:
     return Context(rank, world, torch.device("cuda", local))
 
 
-def setup(device: torch.device | None) -> Context:
-    """:func:`environment`, and join the process group it describes, if there is one."""
+@contextlib.contextmanager
+def session(device: torch.device | None):
+    """:func:`environment`, with the process group it describes joined for the ``with`` block, if
+    there is one. On a normal exit the ranks first wait for each other: a rank that tore down its
+    gloo group while rank 0 was still writing its results was seen to abort at exit."""
     ctx = environment(device)
     if ctx.active and not dist.is_initialized():
         dist.init_process_group("nccl" if ctx.device.type == "cuda" else "gloo")
-    return ctx
-
-
-def teardown(ctx: Context) -> None:
-    if ctx.active and dist.is_initialized():
-        dist.destroy_process_group()
+    try:
+        yield ctx
+        ctx.barrier()
+    finally:
+        if ctx.active and dist.is_initialized():
+            dist.destroy_process_group()

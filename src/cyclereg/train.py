@@ -183,13 +183,8 @@ def train(cfg: Config, out, resume: bool = False, device=None, progress: bool = 
 
     Started by ``torchrun``, every process runs this and they train one model together
     (:mod:`cyclereg.distributed`); ``train.batch_size`` is then the batch of each process."""
-    ctx = distributed.setup(torch.device(device) if device else None)
-    try:
-        path = _train(cfg, Path(out), resume, ctx, progress and ctx.main)
-        ctx.barrier()  # the ranks leave together: rank 0 finishes last (validation, the model file)
-        return path
-    finally:
-        distributed.teardown(ctx)
+    with distributed.session(torch.device(device) if device else None) as ctx:
+        return _train(cfg, Path(out), resume, ctx, progress and ctx.main)
 
 
 def _train(cfg: Config, out: Path, resume: bool, ctx: Context, progress: bool) -> Path:
