@@ -98,7 +98,7 @@ def _parser() -> argparse.ArgumentParser:
     op.add_argument("--noise", type=float, default=0.0, help="icon: map noise ε in voxels (ICON §2.3)")
     op.add_argument("--similarity", choices=["mse", "ncc", "lncc"], default="mse")
     op.add_argument("--steps", type=int, default=500)
-    op.add_argument("--lr", type=float, default=1e-2)
+    op.add_argument("--lr", type=float, default=0.3, help="Adam's first step in voxels, decayed along a cosine (default: %(default)s)")
     op.add_argument("--warped")
     op.add_argument("--transform")
     op.add_argument("--jacobian")
