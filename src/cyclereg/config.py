@@ -79,6 +79,7 @@ class StageConfig:
     fraction: float = 1.0  # share of train.steps spent in this stage
     lam: float = -1.0  # regulariser weight in this stage; negative: model.lam
     train: list[int] = field(default_factory=list)  # indices of the model steps trained; empty: all
+    patch: list[int] = field(default_factory=list)  # voxels per axis: train the local steps on random patches
 
 
 @dataclass
@@ -216,6 +217,13 @@ def _check(cfg: Config) -> None:
             need(s.fraction > 0, f"train.stages[{i}].fraction", "a share > 0", s.fraction)
             for j in s.train:
                 need(0 <= j < len(m.steps), f"train.stages[{i}].train", f"indices of model steps 0..{len(m.steps) - 1}", s.train)
+            if s.patch:
+                need(len(s.patch) in (2, 3) and all(p >= 4 for p in s.patch), f"train.stages[{i}].patch",
+                     "2 or 3 patch sizes of at least 4 voxels", s.patch)
+                first = min(s.train, default=0)
+                need(first >= 1 and sorted(s.train) == list(range(first, len(m.steps))), f"train.stages[{i}].train",
+                     "with a patch, the last steps of the model from some step >= 1 on (the earlier, global steps "
+                     "register the whole image first)", s.train)
 
 
 def config_from_dict(raw: dict) -> Config:

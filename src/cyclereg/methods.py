@@ -206,6 +206,18 @@ class CycleMorph(nn.Module):
         self.reverse.checkpointing(on)
 
 
+def split_steps(model, first: int):
+    """``(global, local)``: models of steps ``0..first-1`` and of steps ``first..`` of ``model``,
+    sharing its modules (a CycleMorph model splits each of its networks)."""
+    if isinstance(model, CycleMorph):
+        ab = split_steps(model.g_ab, first)
+        if not hasattr(model, "g_ba"):
+            return CycleMorph(ab[0]), CycleMorph(ab[1])
+        ba = split_steps(model.g_ba, first)
+        return CycleMorph(ab[0], ba[0]), CycleMorph(ab[1], ba[1])
+    return RegistrationModel(model.steps[:first]), RegistrationModel(model.steps[first:])
+
+
 def _cyclemorph(model, moving, fixed, settings):
     """CycleMorph (Kim et al.): per direction, similarity + λ_R ‖∇D‖²; the cycle loss
     ``α ‖(A∘Φ_AB)∘G_BA(A∘Φ_AB, B∘Φ_BA) − A‖₁``; the identity loss ``β (1 − NCC(B∘G_AB(B, B), B))``.

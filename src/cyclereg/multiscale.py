@@ -17,7 +17,7 @@ import torch
 from .methods import RegistrationModel
 from .transforms import DisplacementField, Transform, warp
 
-__all__ = ["patch_starts", "blend_weight", "refine_in_patches", "multiscale_register"]
+__all__ = ["patch_starts", "blend_weight", "refine_in_patches", "multiscale_register", "random_patches"]
 
 
 def patch_starts(n: int, patch: int, overlap: int) -> list[int]:
@@ -86,3 +86,25 @@ def multiscale_register(model: RegistrationModel, moving: torch.Tensor, fixed: t
     global_phi = model.steps[0](moving, fixed)
     local = refine_in_patches(model.steps[1], warp(moving, global_phi), fixed, patch, overlap)
     return global_phi @ local
+
+
+def random_patches(global_model, moving: torch.Tensor, fixed: torch.Tensor, patch):
+    """Training pairs for a model's local steps (CycleMorph's local refinement): the moving images
+    warped by ``global_model`` (its global steps, :func:`cyclereg.methods.split_steps`) on the
+    whole images, then one random patch of ``patch`` voxels per pair, at the same place in both.
+
+    Corners are drawn from torch's global generator, so a resumed run draws the same patches.
+    """
+    shape = tuple(fixed.shape[2:])
+    if len(patch) != len(shape):
+        raise ValueError(f"patch {list(patch)} has {len(patch)} sizes; the images have {len(shape)} dimensions")
+    with torch.no_grad():
+        warped = warp(moving, global_model(moving, fixed))
+    size = [min(p, n) for p, n in zip(patch, shape)]
+    pairs_m, pairs_f = [], []
+    for i in range(fixed.shape[0]):
+        corner = [int(torch.randint(n - p + 1, ())) for n, p in zip(shape, size)]
+        region = (slice(i, i + 1), slice(None)) + tuple(slice(c, c + p) for c, p in zip(corner, size))
+        pairs_m.append(warped[region])
+        pairs_f.append(fixed[region])
+    return torch.cat(pairs_m), torch.cat(pairs_f)

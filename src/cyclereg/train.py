@@ -35,7 +35,8 @@ from .distributed import Context
 from .loader import Loader
 from .errors import DataError, Interrupted, UsageError
 from .evaluate import score_pairs, summarise
-from .methods import loss_terms, settings_from_config, use_channels_last
+from .methods import loss_terms, settings_from_config, split_steps, use_channels_last
+from .multiscale import random_patches
 from .modelfile import ModelInfo, build_from_info, save_model
 
 __all__ = ["train", "stage_schedule", "learning_rate"]
@@ -46,17 +47,18 @@ class Stage:
     end: int  # first step after this stage
     lam: float
     trainable: list
+    patch: list  # empty: whole images; else the trained (local) steps see random patches
 
 
 def stage_schedule(cfg: Config) -> list[Stage]:
     """Stages as step ranges; without ``train.stages``, one stage training every model step."""
     every = list(range(len(cfg.model.steps)))
     if not cfg.train.stages:
-        return [Stage(cfg.train.steps, cfg.model.lam, every)]
+        return [Stage(cfg.train.steps, cfg.model.lam, every, [])]
     stages, done = [], 0.0
     for s in cfg.train.stages:
         done += s.fraction
-        stages.append(Stage(round(done * cfg.train.steps), s.lam if s.lam >= 0 else cfg.model.lam, s.train or every))
+        stages.append(Stage(round(done * cfg.train.steps), s.lam if s.lam >= 0 else cfg.model.lam, s.train or every, s.patch))
     stages[-1].end = cfg.train.steps
     return stages
 
@@ -219,6 +221,9 @@ def _train(cfg: Config, out: Path, resume: bool, ctx: Context, progress: bool) -
     if ctx.main:
         _trim_log(log_path, step)
     stages = stage_schedule(cfg)
+    for i, s in enumerate(stages):
+        if s.patch and len(s.patch) != info.dim:
+            raise UsageError(f"train.stages[{i}].patch: expected {info.dim} sizes for {info.dim}D images, got {s.patch}")
     total = cfg.train.steps
 
     def log(record: dict) -> None:
@@ -245,13 +250,17 @@ def _train(cfg: Config, out: Path, resume: bool, ctx: Context, progress: bool) -
             if stage is not current:
                 model.freeze(stage.trainable)
                 settings = settings_from_config(cfg.model, stage.lam)
-                loss_fn = _Loss(model)
+                # with a patch, the trained (last) steps learn on patches of images warped by the earlier ones
+                global_steps, learner = split_steps(model, min(stage.trainable)) if stage.patch else (None, model)
+                loss_fn = _Loss(learner)
                 if ctx.active:  # rebuilt per stage: DDP syncs the parameters that train in this stage
                     loss_fn = DistributedDataParallel(loss_fn, device_ids=[device.index] if device.type == "cuda" else None)
                 current = stage
             moving, fixed = loader.next()
             waited += loader.wait
             moving, fixed = moving.to(device, non_blocking=True), fixed.to(device, non_blocking=True)
+            if stage.patch:
+                moving, fixed = random_patches(global_steps, moving, fixed, stage.patch)
             with autocast:
                 loss, terms = loss_fn(moving, fixed, settings)
             reduced = ctx.mean(torch.stack([loss, *terms.values()]))  # [total, *terms], averaged over ranks
