@@ -187,6 +187,8 @@ CASES = [
     ("config: missing", ["train", "{c}/nothing.toml", "--out", "{out}/run"], 2, "config file {c}/nothing.toml does not exist"),
     ("option: wrong type", ["evaluate", "--model", "{c}/model.safetensors", "--pairs", "many"], 2,
      "argument --pairs: invalid int value: 'many' (see 'cyclereg evaluate --help')"),
+    ("register --patch, one-step model", [*REG, "--moving", "{c}/moving.nii.gz", "--warped", "{out}/w.nii.gz", "--patch", "8", "8"], 2,
+     "--patch needs a model of two steps (global, local); {c}/model.safetensors has 1"),
     ("option: out of range", ["optimize", "--fixed", "{c}/fixed.nii.gz", "--moving", "{c}/moving.nii.gz",
                               "--warped", "{out}/w.nii.gz", "--steps", "0"], 2, "--steps: expected at least 1, got 0"),
     ("pairs CSV: missing column", ["evaluate", "--model", "{c}/model.safetensors", "--pairs-csv", "{c}/missing_column.csv",

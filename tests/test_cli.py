@@ -467,3 +467,33 @@ def test_register_with_compile_gives_the_uncompiled_result_and_reports_compile_t
         if flag:
             assert "torch.compile:" in err and " s to compile for 16x16" in err
     np.testing.assert_allclose(outputs[True], outputs[False], atol=1e-4)
+
+
+def test_register_on_patches_with_a_two_step_model(tmp_path, pair_files, capsys):
+    """``--patch`` runs the second step on blended patches: one patch covering the model grid gives
+    the whole-image result; smaller patches give a valid map; wrong options are named."""
+    raw = tiny_config_dict(train__steps=4)
+    raw["model"]["steps"] = [{"network": "unet", "downsample": 2, "params": {"channels": [4, 8]}},
+                             {"network": "unet", "params": {"channels": [4, 8]}}]
+    raw["train"]["stages"] = [{"fraction": 0.5, "train": [0]}, {"fraction": 0.5, "train": [1], "patch": [8, 8]}]
+    config = write_toml(tmp_path / "two.toml", raw)
+    assert main(["train", str(config), "--out", str(tmp_path / "run"), "--quiet", "--device", "cpu"]) == 0
+    model = tmp_path / "run" / "model.safetensors"
+    base = ["register", "--model", model, "--fixed", pair_files["fixed"], "--moving", pair_files["moving"], "--device", "cpu"]
+    outputs = {}
+    for name, extra in (("whole", []), ("one patch", ["--patch", "64", "64"]), ("patches", ["--patch", "10", "12", "--overlap", "4", "4"])):
+        out = tmp_path / f"{name}.nii.gz"
+        code, stdout, err = run_cli(capsys, *base, "--transform", out, *extra)
+        assert code == 0, err
+        assert json.loads(stdout.strip().splitlines()[-1])["folds"] == 0, stdout
+        outputs[name] = sitk.GetArrayFromImage(sitk.ReadImage(str(out)))
+    assert np.abs(outputs["one patch"] - outputs["whole"]).max() < 1e-5
+    assert np.isfinite(outputs["patches"]).all()
+
+    for extra, message in ((["--patch", "8"], "--patch: expected 2 sizes"), (["--overlap", "2", "2"], "--overlap goes with --patch"),
+                           (["--patch", "8", "8", "--overlap", "8", "1"], "--overlap: expected 2 overlaps"),
+                           (["--patch", "8", "8", "--io-steps", "2"], "does not combine with --io-steps")):
+        code, _, err = run_cli(capsys, *base, "--warped", tmp_path / "w.nii.gz", *extra)
+        assert code == 2
+        assert_one_line_error(err, message)
+        assert not (tmp_path / "w.nii.gz").exists()

@@ -80,6 +80,9 @@ def _parser() -> argparse.ArgumentParser:
     rg.add_argument("--figure", help="PNG of orthogonal slices: fixed, moving, warped, difference, deformed grid")
     rg.add_argument("--io-steps", type=int, default=0, help="instance optimisation steps on this pair")
     rg.add_argument("--io-lr", type=float, default=IO_LR, help="instance optimisation learning rate (default: %(default)s)")
+    rg.add_argument("--patch", type=int, nargs="+", help="two-step models: run the second step on overlapping "
+                    "patches of this many voxels of the model grid per axis (CycleMorph's multi-scale scheme)")
+    rg.add_argument("--overlap", type=int, nargs="+", help="with --patch: overlap of the patches in voxels (default: a quarter of --patch)")
     rg.add_argument("--device", default=None)
     rg.add_argument("--compile", action="store_true", help="torch.compile the networks first (pays off over many pairs)")
 
@@ -118,6 +121,27 @@ def _load(args, device=None):
         print(f"cyclereg: torch.compile: {seconds:.1f} s to compile for {'x'.join(map(str, info.shape))} "
               "(other shapes compile on first use)", file=sys.stderr)
     return model, info
+
+
+def _patchwise(args, model, info):
+    """The model run on patches by ``--patch``/``--overlap`` (:class:`cyclereg.multiscale.Patchwise`)."""
+    if not args.patch:
+        if args.overlap:
+            raise UsageError("--overlap goes with --patch")
+        return model
+    from .multiscale import Patchwise
+
+    if args.io_steps:
+        raise UsageError("--patch runs the model without gradients; it does not combine with --io-steps")
+    if len(args.patch) != info.dim or min(args.patch) < 4:
+        raise UsageError(f"--patch: expected {info.dim} sizes of at least 4 voxels, got {args.patch}")
+    overlap = args.overlap or [p // 4 for p in args.patch]
+    if len(overlap) != info.dim or any(not 0 <= o < p for o, p in zip(overlap, args.patch)):
+        raise UsageError(f"--overlap: expected {info.dim} overlaps from 0 to below the patch sizes {args.patch}, got {overlap}")
+    steps = len(getattr(model, "g_ab", model).steps)
+    if steps != 2:
+        raise UsageError(f"--patch needs a model of two steps (global, local); {args.model} has {steps}")
+    return Patchwise(model, args.patch, overlap)
 
 
 def _device(name):
@@ -218,6 +242,7 @@ def _cmd_register(args) -> int:
     _check_outputs({"--warped": args.warped, "--transform": args.transform, "--warped-labels": args.warped_labels,
                     "--jacobian": args.jacobian, "--figure": args.figure})
     model, info = _load(args)
+    model = _patchwise(args, model, info)
     summary = register_files(model, info, args.fixed, args.moving, warped=args.warped, transform=args.transform,
                              jacobian=args.jacobian, moving_labels=args.moving_labels,
                              warped_labels=args.warped_labels, io_steps=args.io_steps, io_lr=args.io_lr,
@@ -237,6 +262,7 @@ def _register_csv(args) -> int:
     # Under torchrun the pairs are split across processes; they never need to talk, so no process group.
     ctx = distributed.environment(_device(args.device))
     model, info = _load(args, ctx.device)
+    model = _patchwise(args, model, info)
     outputs = [o.strip() for o in args.outputs.split(",") if o.strip()]
     for summary in register_csv(model, info, args.pairs_csv, args.out_dir, outputs, args.io_steps, args.io_lr,
                                 ctx.rank, ctx.world, progress=ctx.main):

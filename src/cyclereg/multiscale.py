@@ -13,11 +13,12 @@ from __future__ import annotations
 import math
 
 import torch
+from torch import nn
 
 from .methods import RegistrationModel
 from .transforms import DisplacementField, Transform, warp
 
-__all__ = ["patch_starts", "blend_weight", "refine_in_patches", "multiscale_register", "random_patches"]
+__all__ = ["patch_starts", "blend_weight", "refine_in_patches", "multiscale_register", "Patchwise", "random_patches"]
 
 
 def patch_starts(n: int, patch: int, overlap: int) -> list[int]:
@@ -80,12 +81,25 @@ def _product(lists):
 def multiscale_register(model: RegistrationModel, moving: torch.Tensor, fixed: torch.Tensor, patch, overlap) -> Transform:
     """Register with a two-step model: step 0 (normally downsampled) on the whole image, step 1
     at full resolution on overlapping patches of the globally warped moving image. With one patch
-    covering the image this equals ``model(moving, fixed)``."""
+    covering the image this equals ``model(moving, fixed)``. A CycleMorph model registers with ``g_ab``."""
+    model = getattr(model, "g_ab", model)
     if len(model.steps) != 2:
         raise ValueError(f"multiscale_register needs a model of two steps (global, local), got {len(model.steps)}")
     global_phi = model.steps[0](moving, fixed)
     local = refine_in_patches(model.steps[1], warp(moving, global_phi), fixed, patch, overlap)
     return global_phi @ local
+
+
+class Patchwise(nn.Module):
+    """A two-step model called like a model, run by :func:`multiscale_register` (``register --patch``).
+    ``patch`` and ``overlap`` are in voxels of the model grid."""
+
+    def __init__(self, model: nn.Module, patch, overlap):
+        super().__init__()
+        self.model, self.patch, self.overlap = model, tuple(patch), tuple(overlap)
+
+    def forward(self, moving, fixed) -> Transform:
+        return multiscale_register(self.model, moving, fixed, self.patch, self.overlap)
 
 
 def random_patches(global_model, moving: torch.Tensor, fixed: torch.Tensor, patch):
