@@ -489,6 +489,14 @@ def test_register_on_patches_with_a_two_step_model(tmp_path, pair_files, capsys)
         outputs[name] = sitk.GetArrayFromImage(sitk.ReadImage(str(out)))
     assert np.abs(outputs["one patch"] - outputs["whole"]).max() < 1e-5
     assert np.isfinite(outputs["patches"]).all()
+    csv = tmp_path / "pairs.csv"  # a CSV of pairs runs on patches too, with the same result
+    csv.write_text(f"fixed,moving,name\n{pair_files['fixed']},{pair_files['moving']},p\n")
+    code, _, err = run_cli(capsys, "register", "--model", model, "--pairs-csv", csv, "--out-dir", tmp_path,
+                           "--outputs", "transform", "--patch", "10", "12", "--overlap", "4", "4", "--device", "cpu")
+    assert code == 0, err
+    h5 = sitk.ReadTransform(str(tmp_path / "p_transform.h5"))
+    field = sitk.GetArrayFromImage(sitk.DisplacementFieldTransform(h5).GetDisplacementField())
+    assert np.abs(field - outputs["patches"]).max() < 1e-5
 
     for extra, message in ((["--patch", "8"], "--patch: expected 2 sizes"), (["--overlap", "2", "2"], "--overlap goes with --patch"),
                            (["--patch", "8", "8", "--overlap", "8", "1"], "--overlap: expected 2 overlaps"),
