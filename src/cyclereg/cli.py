@@ -129,6 +129,7 @@ def _patchwise(args, model, info):
         if args.overlap:
             raise UsageError("--overlap goes with --patch")
         return model
+    from .methods import forward_model
     from .multiscale import Patchwise
 
     if args.io_steps:
@@ -138,7 +139,7 @@ def _patchwise(args, model, info):
     overlap = args.overlap or [p // 4 for p in args.patch]
     if len(overlap) != info.dim or any(not 0 <= o < p for o, p in zip(overlap, args.patch)):
         raise UsageError(f"--overlap: expected {info.dim} overlaps from 0 to below the patch sizes {args.patch}, got {overlap}")
-    steps = len(getattr(model, "g_ab", model).steps)
+    steps = len(forward_model(model).steps)
     if steps != 2:
         raise UsageError(f"--patch needs a model of two steps (global, local); {args.model} has {steps}")
     return Patchwise(model, args.patch, overlap)

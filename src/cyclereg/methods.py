@@ -206,6 +206,11 @@ class CycleMorph(nn.Module):
         self.reverse.checkpointing(on)
 
 
+def forward_model(model) -> RegistrationModel:
+    """The :class:`RegistrationModel` that ``model(moving, fixed)`` runs: ``g_ab`` of a CycleMorph model."""
+    return model.g_ab if isinstance(model, CycleMorph) else model
+
+
 def split_steps(model, first: int):
     """``(global, local)``: models of steps ``0..first-1`` and of steps ``first..`` of ``model``,
     sharing its modules (a CycleMorph model splits each of its networks)."""

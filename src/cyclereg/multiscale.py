@@ -15,7 +15,7 @@ import math
 import torch
 from torch import nn
 
-from .methods import RegistrationModel
+from .methods import RegistrationModel, forward_model
 from .transforms import DisplacementField, Transform, warp
 
 __all__ = ["patch_starts", "blend_weight", "refine_in_patches", "multiscale_register", "Patchwise", "random_patches"]
@@ -82,7 +82,7 @@ def multiscale_register(model: RegistrationModel, moving: torch.Tensor, fixed: t
     """Register with a two-step model: step 0 (normally downsampled) on the whole image, step 1
     at full resolution on overlapping patches of the globally warped moving image. With one patch
     covering the image this equals ``model(moving, fixed)``. A CycleMorph model registers with ``g_ab``."""
-    model = getattr(model, "g_ab", model)
+    model = forward_model(model)
     if len(model.steps) != 2:
         raise ValueError(f"multiscale_register needs a model of two steps (global, local), got {len(model.steps)}")
     global_phi = model.steps[0](moving, fixed)

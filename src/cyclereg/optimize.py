@@ -32,8 +32,12 @@ class PairFields(nn.Module):
         self.fields = nn.Parameter(torch.zeros(2 * n, len(shape), *shape))
         self.register_buffer("scale", voxel_scale(shape), persistent=False)
 
+    def in_domain(self) -> torch.Tensor:
+        """Both fields in the domain units of :mod:`cyclereg.coords`."""
+        return self.fields / self.scale
+
     def forward(self, moving, fixed):
-        return DisplacementField(self.fields[: moving.shape[0]] / self.scale)
+        return DisplacementField(self.in_domain()[: moving.shape[0]])
 
 
 def optimize_pair(moving: torch.Tensor, fixed: torch.Tensor, settings: LossSettings, steps: int = 500,
@@ -58,5 +62,5 @@ def optimize_pair(moving: torch.Tensor, fixed: torch.Tensor, settings: LossSetti
         schedule.step()
         history.append(float(loss.detach()))
     n = moving.shape[0]
-    field = (fields.fields / fields.scale).detach()
+    field = fields.in_domain().detach()
     return DisplacementField(field[:n]), DisplacementField(field[n:]), history
