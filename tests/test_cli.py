@@ -393,6 +393,28 @@ def test_register_rejects_unreadable_and_wrong_dimension_images(trained, pair_fi
     assert not warped.exists()
 
 
+def test_register_and_evaluate_in_passes(trained, pair_files, tmp_path, capsys):
+    """``--passes N`` runs the model N times: another valid map than one pass; 0 passes is refused
+    before anything is written."""
+    model = trained / "model.safetensors"
+    base = ["register", "--model", model, "--fixed", pair_files["fixed"], "--moving", pair_files["moving"], "--device", "cpu"]
+    fields = {}
+    for passes in (1, 3):
+        out = tmp_path / f"field{passes}.nii.gz"
+        code, stdout, err = run_cli(capsys, *base, "--transform", out, "--passes", passes)
+        assert code == 0, err
+        assert json.loads(stdout.strip().splitlines()[-1])["folds"] == 0
+        fields[passes] = sitk.GetArrayFromImage(sitk.ReadImage(str(out)))
+    assert np.isfinite(fields[3]).all() and np.abs(fields[3] - fields[1]).max() > 1e-4
+    code, _, err = run_cli(capsys, *base, "--warped", tmp_path / "w.nii.gz", "--passes", 0)
+    assert code == 2
+    assert_one_line_error(err, "--passes", "at least 1")
+    assert not (tmp_path / "w.nii.gz").exists()
+    code, stdout, err = run_cli(capsys, "evaluate", "--model", model, "--pairs", 4, "--passes", 2, "--device", "cpu")
+    assert code == 0, err
+    assert 0 <= json.loads(stdout)["dice"] <= 1
+
+
 def test_evaluate_rejects_zero_pairs(trained, capsys):
     code, _, err = run_cli(capsys, "evaluate", "--model", trained / "model.safetensors", "--pairs", 0)
     assert code == 2

@@ -9,10 +9,10 @@ from cyclereg.data import dataset_images, fixed_pairs
 from cyclereg.evaluate import score_pairs, summarise
 from cyclereg.coords import voxel_scale
 from cyclereg.losses import inverse_consistency, random_points
-from cyclereg.methods import LossSettings, RegistrationModel, Step, build_model, downsample, loss_terms
+from cyclereg.methods import LossSettings, Passes, RegistrationModel, Step, build_model, downsample, loss_terms
 from cyclereg.modelfile import build_from_info, load_model
 from cyclereg.train import train
-from cyclereg.transforms import Composed, warp
+from cyclereg.transforms import Composed, DisplacementField, warp
 
 from conftest import smooth_image
 
@@ -130,6 +130,42 @@ def test_a_two_step_model_composes_its_steps():
     torch.testing.assert_close(phi(points), expected)
     assert (second(first(points)) - expected).abs().max() > 1e-5
     assert first.field.abs().max() > 1e-4 and second.field.abs().max() > 1e-4
+
+
+class _HalfWay(nn.Module):
+    """A stand-in model that moves the moving image half way to the fixed one: a constant
+    displacement of half the difference of their intensity centroids (domain units)."""
+
+    @staticmethod
+    def centroid(images):
+        grid = torch.stack(torch.meshgrid(*[torch.linspace(0, 1, n) for n in images.shape[2:]], indexing="ij"))
+        return (images * grid).flatten(2).sum(2) / images.flatten(2).sum(2)  # (N, d)
+
+    def forward(self, moving, fixed):
+        shift = 0.5 * (self.centroid(moving) - self.centroid(fixed))
+        return DisplacementField(shift[:, :, None, None].expand(-1, -1, 4, 4).contiguous())
+
+
+def _blob(shape, centre, width=0.08):
+    grid = torch.stack(torch.meshgrid(*[torch.linspace(0, 1, n) for n in shape], indexing="ij"))
+    c = torch.tensor(centre).view(-1, 1, 1)
+    return torch.exp(-((grid - c) ** 2).sum(0) / (2 * width**2))[None, None]
+
+
+def test_passes_compose_so_each_pass_corrects_what_the_last_left():
+    """A model that registers half of a shift leaves half of it; n passes leave 2^-n of it, and
+    one pass is the model itself."""
+    shape = (40, 40)
+    fixed, moving = _blob(shape, (0.45, 0.5)), _blob(shape, (0.57, 0.42))
+    true_shift = _HalfWay.centroid(moving) - _HalfWay.centroid(fixed)
+    centre = torch.full((1, 2, 1, 1), 0.5)
+    with torch.no_grad():
+        assert torch.equal(Passes(_HalfWay(), 1)(moving, fixed)(centre), _HalfWay()(moving, fixed)(centre))
+        for n in (1, 2, 3, 4):
+            shift = (Passes(_HalfWay(), n)(moving, fixed)(centre) - centre)[:, :, 0, 0]
+            torch.testing.assert_close(shift, true_shift * (1 - 0.5**n), atol=2e-3, rtol=0)
+    with pytest.raises(ValueError, match="at least 1 pass"):
+        Passes(_HalfWay(), 0)
 
 
 def test_downsample_keeps_the_domain():

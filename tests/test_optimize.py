@@ -4,7 +4,7 @@ import torch
 
 from cyclereg.data import triangles_and_circles
 from cyclereg.losses import mse
-from cyclereg.methods import LossSettings, build_model, loss_terms
+from cyclereg.methods import LossSettings, Passes, build_model, loss_terms
 from cyclereg.metrics import count_folds
 from cyclereg.optimize import optimize_pair
 from cyclereg.register import instance_optimisation
@@ -58,6 +58,22 @@ def test_instance_optimisation_improves_the_pair_and_restores_the_weights():
     assert after == before
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in stored.items())
     assert not model.training
+
+
+def test_instance_optimisation_of_a_model_run_in_passes_tunes_one_pass():
+    """Fine-tuning a model run in several passes trains it as it was trained, one pass at a time:
+    the tuned weights are those of fine-tuning the model alone."""
+    moving, fixed = _pair(16)
+    model = build_model([{"network": "unet", "params": {"channels": [8, 16]}}], 2, (16, 16)).eval()
+    settings = LossSettings("icon", "mse", lam=64.0)
+    tuned_weights = []
+    for runner in (model, Passes(model, 3)):
+        torch.manual_seed(0)  # the ICON loss draws random points
+        with instance_optimisation(runner, moving, fixed, settings, steps=5, lr=2e-3) as tuned:
+            tuned_weights.append({k: v.clone() for k, v in model.state_dict().items()})
+            assert tuned is runner
+    assert all(torch.equal(v, tuned_weights[1][k]) for k, v in tuned_weights[0].items())
+    assert any(not torch.equal(v, model.state_dict()[k]) for k, v in tuned_weights[0].items())
 
 
 def test_instance_optimisation_restores_weights_after_an_error():

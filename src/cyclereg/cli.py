@@ -15,6 +15,8 @@ from .errors import CycleregError, Interrupted, UsageError
 
 
 IO_LR = 2e-4
+PASSES_HELP = ("run the model this many times, each pass on the moving image warped by the passes before; "
+               "more accurate for one network call per pass (default: %(default)s)")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -58,6 +60,7 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--io-steps", type=int, default=0, help="instance optimisation steps per pair")
     ev.add_argument("--io-lr", type=float, default=IO_LR, help="instance optimisation learning rate (default: %(default)s)")
+    ev.add_argument("--passes", type=int, default=1, help=PASSES_HELP)
     ev.add_argument("--json", default=None, help="write the summary here")
     ev.add_argument("--device", default=None)
     ev.add_argument("--compile", action="store_true", help="torch.compile the networks first (pays off over many pairs)")
@@ -80,6 +83,7 @@ def _parser() -> argparse.ArgumentParser:
     rg.add_argument("--figure", help="PNG of orthogonal slices: fixed, moving, warped, difference, deformed grid")
     rg.add_argument("--io-steps", type=int, default=0, help="instance optimisation steps on this pair")
     rg.add_argument("--io-lr", type=float, default=IO_LR, help="instance optimisation learning rate (default: %(default)s)")
+    rg.add_argument("--passes", type=int, default=1, help=PASSES_HELP)
     rg.add_argument("--patch", type=int, nargs="+", help="two-step models: run the second step on overlapping "
                     "patches of this many voxels of the model grid per axis (CycleMorph's multi-scale scheme)")
     rg.add_argument("--overlap", type=int, nargs="+", help="with --patch: overlap of the patches in voxels (default: a quarter of --patch)")
@@ -121,6 +125,15 @@ def _load(args, device=None):
         print(f"cyclereg: torch.compile: {seconds:.1f} s to compile for {'x'.join(map(str, info.shape))} "
               "(other shapes compile on first use)", file=sys.stderr)
     return model, info
+
+
+def _passes(args, model):
+    """The model run ``--passes`` times (:class:`cyclereg.methods.Passes`)."""
+    from .methods import Passes
+
+    if args.passes < 1:
+        raise UsageError(f"--passes: expected at least 1, got {args.passes}")
+    return Passes(model, args.passes) if args.passes > 1 else model
 
 
 def _patchwise(args, model, info):
@@ -186,13 +199,14 @@ def _cmd_evaluate(args) -> int:
         labels = parse_labels(args.labels)
         with distributed.session(_device(args.device)) as ctx:  # under torchrun: the pairs are split across processes
             model, info = _load(args, ctx.device)
+            model = _passes(args, model)
             summary = evaluate_csv(model, info, args.pairs_csv, io_steps=args.io_steps, io_lr=args.io_lr,
                                    labels=labels, per_pair=args.per_pair, ctx=ctx)
         if summary is None:  # not rank 0: rank 0 reports
             return 0
     else:
         model, info = _load(args)
-        summary = _evaluate_dataset(model, info, args)
+        summary = _evaluate_dataset(_passes(args, model), info, args)
     text = json.dumps(summary, indent=2)
     print(text)
     if args.json:
@@ -243,7 +257,7 @@ def _cmd_register(args) -> int:
     _check_outputs({"--warped": args.warped, "--transform": args.transform, "--warped-labels": args.warped_labels,
                     "--jacobian": args.jacobian, "--figure": args.figure})
     model, info = _load(args)
-    model = _patchwise(args, model, info)
+    model = _passes(args, _patchwise(args, model, info))
     summary = register_files(model, info, args.fixed, args.moving, warped=args.warped, transform=args.transform,
                              jacobian=args.jacobian, moving_labels=args.moving_labels,
                              warped_labels=args.warped_labels, io_steps=args.io_steps, io_lr=args.io_lr,
@@ -263,7 +277,7 @@ def _register_csv(args) -> int:
     # Under torchrun the pairs are split across processes; they never need to talk, so no process group.
     ctx = distributed.environment(_device(args.device))
     model, info = _load(args, ctx.device)
-    model = _patchwise(args, model, info)
+    model = _passes(args, _patchwise(args, model, info))
     outputs = [o.strip() for o in args.outputs.split(",") if o.strip()]
     for summary in register_csv(model, info, args.pairs_csv, args.out_dir, outputs, args.io_steps, args.io_lr,
                                 ctx.rank, ctx.world, progress=ctx.main):

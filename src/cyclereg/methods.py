@@ -20,7 +20,7 @@ from .coords import identity_grid, voxel_scale
 from .networks import build_network
 from .transforms import DisplacementField, Transform, map_on_grid, warp
 
-__all__ = ["Step", "RegistrationModel", "CycleMorph", "LossSettings", "METHODS", "loss_terms", "build_model",
+__all__ = ["Step", "cascade", "RegistrationModel", "Passes", "CycleMorph", "LossSettings", "METHODS", "loss_terms", "build_model",
            "settings_from_config", "use_channels_last", "compile_networks"]
 
 
@@ -82,6 +82,16 @@ def _running_stats_kept(module: nn.Module):
             m.num_batches_tracked.copy_(count)
 
 
+def cascade(models, moving: torch.Tensor, fixed: torch.Tensor) -> Transform:
+    """``Φ_0 ∘ Φ_1 ∘ ...``: model ``k`` registers the moving image warped by the maps of models
+    ``0..k-1`` to the fixed image (the last map is applied to points first)."""
+    phi = None
+    for model in models:
+        psi = model(moving if phi is None else warp(moving, phi), fixed)
+        phi = psi if phi is None else phi @ psi
+    return phi
+
+
 class RegistrationModel(nn.Module):
     """A composition of steps: step ``k`` sees the moving image warped by steps ``0..k-1``, and the
     result is ``Φ = Φ_0 ∘ Φ_1 ∘ ... ∘ Φ_{K-1}`` (the last step is applied to points first)."""
@@ -92,11 +102,7 @@ class RegistrationModel(nn.Module):
         self.frozen: set[int] = set()
 
     def forward(self, moving: torch.Tensor, fixed: torch.Tensor) -> Transform:
-        phi = None
-        for step in self.steps:
-            psi = step(moving if phi is None else warp(moving, phi), fixed)
-            phi = psi if phi is None else phi @ psi
-        return phi
+        return cascade(self.steps, moving, fixed)
 
     def checkpointing(self, on: bool = True) -> None:
         """Gradient checkpointing of every step's network (for volumes too large for memory)."""
@@ -204,6 +210,22 @@ class CycleMorph(nn.Module):
     def checkpointing(self, on: bool = True) -> None:
         self.g_ab.checkpointing(on)
         self.reverse.checkpointing(on)
+
+
+class Passes(nn.Module):
+    """A trained model run ``passes`` times on a pair (``register --passes``), called like a model:
+    each pass registers the moving image warped by the passes before, and the maps compose
+    (:func:`cascade`). A pass corrects part of what the one before left, so an under-trained model
+    gains accuracy at the cost of one network call per pass. ``model`` is the one pass."""
+
+    def __init__(self, model: nn.Module, passes: int):
+        super().__init__()
+        if passes < 1:
+            raise ValueError(f"Passes: expected at least 1 pass, got {passes}")
+        self.model, self.passes = model, passes
+
+    def forward(self, moving, fixed) -> Transform:
+        return cascade([self.model] * self.passes, moving, fixed)
 
 
 def forward_model(model) -> RegistrationModel:

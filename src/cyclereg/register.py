@@ -24,7 +24,7 @@ from .coords import identity_grid
 from .errors import CycleregError, DataError, UsageError
 from .atomic import atomic_path
 from .image_io import Geometry, image_to_tensor, read_image, read_transform, write_displacement, write_image
-from .methods import LossSettings, loss_terms, settings_from_config
+from .methods import LossSettings, Passes, loss_terms, settings_from_config
 from .label_metrics import folded_percent
 from .metrics import jacobian_determinant
 from .preprocess import Preprocessing, model_grid, prepare
@@ -83,7 +83,9 @@ def model_inputs(pair: Pair, prep: Preprocessing, size=None) -> tuple[Geometry, 
 @contextlib.contextmanager
 def instance_optimisation(model, moving, fixed, settings: LossSettings, steps: int, lr: float = 2e-4):
     """Fine-tune ``model`` on one pair for ``steps`` Adam steps with its training loss (batch norm
-    in evaluation mode), yield it, then restore the original weights whatever happens."""
+    in evaluation mode), yield it, then restore the original weights whatever happens. A model run in
+    :class:`~cyclereg.methods.Passes` is fine-tuned as trained: one pass."""
+    trained = model.model if isinstance(model, Passes) else model
     saved = copy.deepcopy(model.state_dict())
     try:
         if steps > 0:
@@ -95,7 +97,7 @@ def instance_optimisation(model, moving, fixed, settings: LossSettings, steps: i
             optimizer = torch.optim.Adam(params, lr=lr)
             with torch.enable_grad():
                 for _ in range(steps):
-                    loss, _ = loss_terms(model, moving, fixed, settings)
+                    loss, _ = loss_terms(trained, moving, fixed, settings)
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimizer.step()
