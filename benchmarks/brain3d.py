@@ -34,6 +34,7 @@ from common import SHARED, append_report  # noqa: E402
 from cyclereg.augment import random_deformation, random_intensity  # noqa: E402
 from cyclereg.coords import identity_grid  # noqa: E402
 from cyclereg.image_io import Geometry  # noqa: E402
+from cyclereg.methods import Passes  # noqa: E402
 from cyclereg.metrics import dice_labels, jacobian_determinant  # noqa: E402
 from cyclereg.modelfile import load_model  # noqa: E402
 from cyclereg.preprocess import Preprocessing, model_grid, prepare, resample  # noqa: E402
@@ -159,6 +160,7 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=4)
     parser.add_argument("--deform", type=float, default=2.0, help="RMS of each image's random deformation, in evaluation voxels")
     parser.add_argument("--skip-syn", action="store_true")
+    parser.add_argument("--passes", type=int, nargs="*", default=[], help="also cyclereg run this many passes (register --passes)")
     parser.add_argument("--io-steps", type=int, default=0, help="also cyclereg with instance optimisation of this many steps")
     parser.add_argument("--io-lr", type=float, default=5e-4)
     parser.add_argument("--full-res", action="store_true", help="also time `cyclereg register` at 160x192x224")
@@ -170,6 +172,8 @@ def main() -> None:
     from reference_classical import demons_register, syn_register
 
     methods = {"cyclereg": lambda p: run_cyclereg(model, info, p)}
+    for n in args.passes:
+        methods[f"cyclereg, {n} passes"] = lambda p, n=n: run_cyclereg(Passes(model, n), info, p)
     if args.io_steps:
         methods[f"cyclereg + instance optimisation ({args.io_steps} steps, lr {args.io_lr:g})"] = \
             lambda p: run_cyclereg(model, info, p, args.io_steps, args.io_lr)
