@@ -10,6 +10,10 @@ and training step (channels-last layout on CPU, as ``cyclereg train`` runs them)
 - a cyclereg U-Net with tallUNet2's number of parameters (widths 52-104-208-416, 4.6 M against 4.8 M;
   wider at high resolution, so more arithmetic).
 
+With tallUNet2, two more rows: cyclereg's step under bfloat16 autocast (``train.precision``), and the
+network's forward and backward alone on the same batch, which no training step with this network
+can beat: its ratio bounds what a faster loss, warp or optimiser could gain.
+
 Throughput is pairs per second (both directions of a pair count once, in both implementations). Steps alternate between
 the two implementations so that a noisy machine affects both alike; the median of the timed steps
 is reported, with the ratio. Appends to BENCHMARKS.md.
@@ -81,20 +85,44 @@ def main(argv=None) -> None:
         def step_ref():
             reference_icon.train_step(ref, ref_opt, moving, fixed)
 
-        times = {"ours": [], "ref": []}
+        def step_ours_bf16():
+            with torch.autocast("cpu", torch.bfloat16):  # what train.precision = "bfloat16" does
+                loss, _ = loss_terms(ours, moving, fixed, settings)
+            ours_opt.zero_grad(set_to_none=True)
+            loss.backward()
+            ours_opt.step()
+
+        def network_alone():
+            # tallUNet2's forward and backward on both directions of every pair, nothing else: a
+            # floor for any training step built on this network
+            out = ours.steps[0].network(pair_batch)
+            out.square().mean().backward()
+
+        fns = {"ours": step_ours, "ref": step_ref}
+        if channels is None:
+            pair_batch = torch.cat([torch.cat([moving, fixed], 1), torch.cat([fixed, moving], 1)])
+            pair_batch = pair_batch.contiguous(memory_format=torch.channels_last)
+            fns.update(bf16=step_ours_bf16, alone=network_alone)
+        times = {name: [] for name in fns}
         for i in range(args.steps + 3):
-            for name, fn in (("ours", step_ours), ("ref", step_ref)):
+            for name, fn in fns.items():
                 t0 = time.perf_counter()
                 fn()
                 if i >= 3:  # warm-up
                     times[name].append(time.perf_counter() - t0)
-        a, b = statistics.median(times["ours"]), statistics.median(times["ref"])
+        median = {name: statistics.median(t) for name, t in times.items()}
+        b = median["ref"]
         n_ours = sum(p.numel() for p in ours.parameters())
         n_ref = sum(p.numel() for p in ref.regis_net.parameters())
-        line = (f"| {method}, MSE, λ={lam:g} | {net_name} | {n_ours:,} | {n_ref:,} | {a:.3f} | {b:.3f} | "
-                f"{args.batch / a:.0f} | {args.batch / b:.0f} | {b / a:.2f}× |")
-        print(line, flush=True)
-        lines.append(line)
+        rows = [(net_name, median["ours"])]
+        if channels is None:
+            rows += [("tallUNet2, bfloat16 autocast", median["bf16"]),
+                     ("tallUNet2 forward + backward alone (no loss, no warp, no optimiser): the floor", median["alone"])]
+        for name, a in rows:
+            line = (f"| {method}, MSE, λ={lam:g} | {name} | {n_ours:,} | {n_ref:,} | {a:.3f} | {b:.3f} | "
+                    f"{args.batch / a:.0f} | {args.batch / b:.0f} | {b / a:.2f}× |")
+            print(line, flush=True)
+            lines.append(line)
     append_report("Training step time against icon_registration (benchmarks/step_time.py)",
                   f"Batch {args.batch} of {args.size}×{args.size} pairs, median of {args.steps} steps after 3 warm-up "
                   "steps, the two implementations alternating step by step.\n\n" + "\n".join(lines))
