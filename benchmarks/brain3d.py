@@ -174,9 +174,12 @@ def main() -> None:
     methods = {"cyclereg": lambda p: run_cyclereg(model, info, p)}
     for n in args.passes:
         methods[f"cyclereg, {n} passes"] = lambda p, n=n: run_cyclereg(Passes(model, n), info, p)
-    if args.io_steps:
-        methods[f"cyclereg + instance optimisation ({args.io_steps} steps, lr {args.io_lr:g})"] = \
-            lambda p: run_cyclereg(model, info, p, args.io_steps, args.io_lr)
+    if args.io_steps:  # with --passes, in the most passes asked for
+        io_passes = max(args.passes, default=1)
+        runner = Passes(model, io_passes) if io_passes > 1 else model
+        methods[f"cyclereg + instance optimisation ({args.io_steps} steps, lr {args.io_lr:g})"
+                + (f", {io_passes} passes" if io_passes > 1 else "")] = \
+            lambda p: run_cyclereg(runner, info, p, args.io_steps, args.io_lr)
     methods["demons (SimpleITK)"] = lambda p: run_reference(demons_register, p)
     if not args.skip_syn:
         methods["SyN (antspyx)"] = lambda p: run_reference(syn_register, p)
