@@ -10,8 +10,9 @@ from safetensors.torch import save_file
 
 from cyclereg.preprocess import Preprocessing
 from cyclereg.config import config_from_dict
-from cyclereg.errors import DataError
-from cyclereg.modelfile import FORMAT_VERSION, ModelInfo, build_from_info, load_model, save_model, weights_digest
+from cyclereg.errors import DataError, UsageError
+from cyclereg.modelfile import (FORMAT_VERSION, ModelInfo, build_from_info, initialise_from, load_model, save_model,
+                               weights_digest)
 
 from conftest import smooth_image, tiny_config_dict
 
@@ -203,3 +204,48 @@ def test_no_code_path_unpickles_user_files():
         assert not re.search(r"pickle\.(load|loads|Unpickler)\b", text), path
         for call in re.finditer(r"torch\.load\(([^)]*)\)", text):
             assert "weights_only=True" in call.group(1), (path, call.group(0))
+
+
+def _model_at(spacing, downsamples, seed, channels=(4, 8)):
+    raw = tiny_config_dict()
+    raw["model"]["steps"] = [{"network": "unet", "downsample": f, "params": {"channels": list(channels)}} for f in downsamples]
+    info = ModelInfo(config_from_dict(raw), (16, 16), Preprocessing(spacing=spacing))
+    torch.manual_seed(seed)
+    model = build_from_info(info)
+    with torch.no_grad():
+        for t in model.state_dict().values():
+            if t.is_floating_point():
+                t.copy_(torch.rand_like(t))
+    return model, info
+
+
+def test_a_model_initialises_the_steps_of_a_finer_model_that_see_the_same_grids(tmp_path):
+    """A 4 mm model's steps (downsampled 2, then 1) start a 2 mm model's steps downsampled 4 and 2:
+    the same grids. Its weights are copied exactly; the 2 mm model's extra step keeps its own."""
+    coarse, coarse_info = _model_at((4.0, 4.0), (2, 1), seed=0)
+    save_model(tmp_path / "coarse.safetensors", coarse, coarse_info)
+    fine, fine_info = _model_at((2.0, 2.0), (4, 2, 1), seed=1)
+    extra = {k: v.clone() for k, v in fine.state_dict().items() if k.startswith("steps.2.")}
+    assert initialise_from(fine, fine_info, tmp_path / "coarse.safetensors") == 2
+    state = fine.state_dict()
+    for name, value in coarse.state_dict().items():
+        assert torch.equal(state[name], value), name
+    assert all(torch.equal(state[k], v) for k, v in extra.items())
+
+
+@pytest.mark.parametrize("spacing, downsamples, channels, message", [
+    ((2.0, 2.0), (2, 1), (4, 8), "model.steps[0].downsample"),  # a 2 mm model's first step sees 4 mm, not 8 mm
+    ((4.0, 4.0), (2,), (4, 8), "has 2 steps; model.steps has only 1"),
+    ((4.0, 4.0), (2, 1), (4, 16), "model.steps[0] is a unet with"),
+])
+def test_initialising_from_a_model_that_does_not_fit_is_refused(tmp_path, spacing, downsamples, channels, message):
+    coarse, coarse_info = _model_at((4.0, 4.0), (2, 1), seed=0)
+    save_model(tmp_path / "coarse.safetensors", coarse, coarse_info)
+    other, other_info = _model_at(spacing, downsamples, seed=1, channels=channels)
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(UsageError) as err:
+        initialise_from(other, other_info, tmp_path / "coarse.safetensors")
+    assert message in str(err.value) and "train.init" in str(err.value)
+    assert all(torch.equal(other.state_dict()[k], v) for k, v in before.items())
+    with pytest.raises(DataError, match="train.init: model file .*missing.safetensors does not exist"):
+        initialise_from(other, other_info, tmp_path / "missing.safetensors")

@@ -101,6 +101,29 @@ def test_bfloat16_and_checkpointing_train_through_the_command_line(tmp_path):
     assert all(r["data_wait"] >= 0 for r in records if "loss" in r)
 
 
+def test_training_starts_from_a_model_file_and_resume_keeps_the_checkpoint(tmp_path):
+    """``train.init``: a one-step model starts step 0 of a two-step model; with step 0 frozen, the
+    trained model's step 0 is the init model's, while step 1 trains. ``--resume`` continues from the
+    checkpoint, not from the init model."""
+    from cyclereg.modelfile import load_model
+    from cyclereg.train import train
+
+    first = train(config_from_dict(tiny_config_dict(train__steps=3)), tmp_path / "one", progress=False, device="cpu")
+    raw = tiny_config_dict(train__steps=4)
+    raw["model"]["steps"] = raw["model"]["steps"] * 2
+    raw["train"].update(init=str(first), stages=[{"fraction": 1.0, "train": [1]}])
+    two = train(config_from_dict(raw), tmp_path / "two", progress=False, device="cpu")
+    one_model, _ = load_model(first)
+    two_model, _ = load_model(two)
+    state = two_model.state_dict()
+    for name, value in one_model.state_dict().items():
+        assert torch.equal(state[name], value), name
+    assert any(state[k].abs().max() > 0 for k in state if k.startswith("steps.1.network.out"))  # step 1 trained
+    raw["train"]["steps"] = 6
+    resumed = train(config_from_dict(raw), tmp_path / "two", resume=True, progress=False, device="cpu")
+    assert load_model(resumed)[1].training["steps"] == 6
+
+
 def test_learning_rate_schedule_per_stage():
     from cyclereg.train import learning_rate, stage_schedule
 

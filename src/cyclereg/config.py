@@ -97,6 +97,7 @@ class TrainConfig:
     workers: int = 2  # threads preparing batches ahead of the training step (0: in the loop)
     precision: str = "float32"  # float32, or bfloat16 (autocast; for GPUs)
     checkpointing: bool = False  # recompute activations in the backward pass (less memory, more time)
+    init: str = ""  # a model file whose K steps initialise this model's steps 0..K-1 (empty: random weights)
     stages: list[StageConfig] = field(default_factory=list)
 
 

@@ -23,14 +23,14 @@ from safetensors.torch import save_file
 from . import __version__
 from .atomic import atomic_path
 from .config import Config, config_from_dict
-from .errors import CycleregError, DataError
+from .errors import CycleregError, DataError, UsageError
 from .methods import RegistrationModel, build_model, use_channels_last
 from .preprocess import Preprocessing
 
 FORMAT = "cyclereg-model"
 FORMAT_VERSION = 3
 
-__all__ = ["ModelInfo", "save_model", "load_model", "weights_digest"]
+__all__ = ["ModelInfo", "save_model", "load_model", "weights_digest", "initialise_from"]
 
 
 @dataclass
@@ -117,3 +117,50 @@ def load_model(path, device="cpu") -> tuple[RegistrationModel, ModelInfo]:
     if torch.device(device).type == "cpu":
         use_channels_last(model, info.dim)
     return model, info
+
+
+def _step_grid(info: ModelInfo, step) -> str:
+    """The grid a step's network sees: the model spacing times the step's downsampling."""
+    spacing = info.preprocess.spacing
+    if not spacing:
+        return f"the image's own grid downsampled {step.downsample}x"
+    return "x".join(f"{s * step.downsample:g}" for s in spacing) + " mm"
+
+
+def initialise_from(model, info: ModelInfo, path) -> int:
+    """Copy the weights of the model file ``path`` into the first steps of ``model`` (built from
+    ``info``, the config of ``train.init``). A model of ``K`` steps initialises steps ``0..K-1``: they
+    must have the same networks and see grids of the same spacing, since networks predict in voxels
+    of the grid they see (a 4 mm model's steps, downsampled 2, 2, 1, start a 2 mm model's steps
+    downsampled 4, 4, 2). The other steps keep their initial weights. Returns ``K``."""
+    where = f"train.init {path}"
+    try:
+        source, src = load_model(path)
+    except DataError as err:
+        raise DataError(f"train.init: {err}") from None
+    if src.dim != info.dim:
+        raise UsageError(f"{where} is a {src.dim}D model; this config trains on {info.dim}D images")
+    if src.field_units != info.field_units:
+        raise UsageError(f"{where} is an older model file whose networks predict in domain units; it cannot start a new model")
+    a, b = src.config.model, info.config.model
+    if (a.method == "cyclemorph", a.shared) != (b.method == "cyclemorph", b.shared):
+        raise UsageError(f"{where} is a {a.method} model{' (shared network)' if a.shared else ''}; "
+                         f"this config trains {b.method}{' (shared network)' if b.shared else ''}, whose networks differ")
+    if len(a.steps) > len(b.steps):
+        raise UsageError(f"{where} has {len(a.steps)} steps; model.steps has only {len(b.steps)}")
+    for k, (s_a, s_b) in enumerate(zip(a.steps, b.steps)):
+        if (s_a.network, s_a.params) != (s_b.network, s_b.params):
+            raise UsageError(f"{where}: its step {k} is a {s_a.network} with {s_a.params}; model.steps[{k}] is a "
+                             f"{s_b.network} with {s_b.params}")
+        if _step_grid(src, s_a) != _step_grid(info, s_b):
+            raise UsageError(f"{where}: its step {k} sees a grid of {_step_grid(src, s_a)}, model.steps[{k}] one of "
+                             f"{_step_grid(info, s_b)}; networks predict in voxels of the grid they see, so set "
+                             f"model.steps[{k}].downsample to match")
+    state, weights = model.state_dict(), source.state_dict()
+    for name, value in weights.items():
+        if name not in state or state[name].shape != value.shape:
+            raise UsageError(f"{where}: its weight {name} {tuple(value.shape)} has no counterpart in this model "
+                             "(networks built for a fixed image shape only transfer at that shape)")
+        state[name] = value
+    model.load_state_dict(state)
+    return len(a.steps)
