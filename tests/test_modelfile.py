@@ -249,3 +249,21 @@ def test_initialising_from_a_model_that_does_not_fit_is_refused(tmp_path, spacin
     assert all(torch.equal(other.state_dict()[k], v) for k, v in before.items())
     with pytest.raises(DataError, match="train.init: model file .*missing.safetensors does not exist"):
         initialise_from(other, other_info, tmp_path / "missing.safetensors")
+
+
+def test_initialising_across_pairwise_methods_works_and_into_cyclemorph_is_refused(tmp_path):
+    """ICON and GradICON models hold their steps alike, so one starts the other; a CycleMorph model
+    holds two networks (or one shared), so an ICON model cannot start it."""
+    coarse, coarse_info = _model_at((4.0, 4.0), (2, 1), seed=0)
+    save_model(tmp_path / "coarse.safetensors", coarse, coarse_info)
+    for method, shared in (("gradicon", True), ("cyclemorph", False)):
+        raw = tiny_config_dict()
+        raw["model"].update(method=method, shared=shared,
+                            steps=[{"network": "unet", "downsample": f, "params": {"channels": [4, 8]}} for f in (2, 1)])
+        info = ModelInfo(config_from_dict(raw), (16, 16), Preprocessing(spacing=(4.0, 4.0)))
+        model = build_from_info(info)
+        if method == "gradicon":  # `shared` only concerns CycleMorph
+            assert initialise_from(model, info, tmp_path / "coarse.safetensors") == 2
+        else:
+            with pytest.raises(UsageError, match="method icon; this config trains cyclemorph"):
+                initialise_from(model, info, tmp_path / "coarse.safetensors")

@@ -143,9 +143,10 @@ def initialise_from(model, info: ModelInfo, path) -> int:
     if src.field_units != info.field_units:
         raise UsageError(f"{where} is an older model file whose networks predict in domain units; it cannot start a new model")
     a, b = src.config.model, info.config.model
-    if (a.method == "cyclemorph", a.shared) != (b.method == "cyclemorph", b.shared):
-        raise UsageError(f"{where} is a {a.method} model{' (shared network)' if a.shared else ''}; "
-                         f"this config trains {b.method}{' (shared network)' if b.shared else ''}, whose networks differ")
+    networks = lambda m: (m.method == "cyclemorph", m.method == "cyclemorph" and m.shared)  # noqa: E731 - what holds the steps
+    if networks(a) != networks(b):
+        raise UsageError(f"{where}: method {a.method}{' (shared network)' if networks(a)[1] else ''}; "
+                         f"this config trains {b.method}{' (shared network)' if networks(b)[1] else ''}, whose networks differ")
     if len(a.steps) > len(b.steps):
         raise UsageError(f"{where} has {len(a.steps)} steps; model.steps has only {len(b.steps)}")
     for k, (s_a, s_b) in enumerate(zip(a.steps, b.steps)):
