@@ -30,7 +30,7 @@ from .preprocess import Preprocessing
 FORMAT = "cyclereg-model"
 FORMAT_VERSION = 3
 
-__all__ = ["ModelInfo", "save_model", "load_model", "weights_digest", "initialise_from"]
+__all__ = ["ModelInfo", "save_model", "load_model", "weights_digest", "read_init", "initialise_from"]
 
 
 @dataclass
@@ -127,17 +127,23 @@ def _step_grid(info: ModelInfo, step) -> str:
     return "x".join(f"{s * step.downsample:g}" for s in spacing) + " mm"
 
 
-def initialise_from(model, info: ModelInfo, path) -> int:
+def read_init(path) -> tuple[RegistrationModel, ModelInfo]:
+    """The model file of ``train.init``, read (errors name ``train.init``)."""
+    try:
+        return load_model(path)
+    except DataError as err:
+        raise DataError(f"train.init: {err}") from None
+
+
+def initialise_from(model, info: ModelInfo, path, init=None) -> int:
     """Copy the weights of the model file ``path`` into the first steps of ``model`` (built from
     ``info``, the config of ``train.init``). A model of ``K`` steps initialises steps ``0..K-1``: they
     must have the same networks and see grids of the same spacing, since networks predict in voxels
     of the grid they see (a 4 mm model's steps, downsampled 2, 2, 1, start a 2 mm model's steps
-    downsampled 4, 4, 2). The other steps keep their initial weights. Returns ``K``."""
+    downsampled 4, 4, 2). The other steps keep their initial weights. ``init``: the file already read
+    by :func:`read_init`. Returns ``K``."""
     where = f"train.init {path}"
-    try:
-        source, src = load_model(path)
-    except DataError as err:
-        raise DataError(f"train.init: {err}") from None
+    source, src = init or read_init(path)
     if src.dim != info.dim:
         raise UsageError(f"{where} is a {src.dim}D model; this config trains on {info.dim}D images")
     if src.field_units != info.field_units:

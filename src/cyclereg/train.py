@@ -37,7 +37,7 @@ from .errors import DataError, Interrupted, UsageError
 from .evaluate import score_pairs, summarise
 from .methods import loss_terms, settings_from_config, split_steps, use_channels_last
 from .multiscale import random_patches
-from .modelfile import ModelInfo, build_from_info, initialise_from, save_model
+from .modelfile import ModelInfo, build_from_info, initialise_from, read_init, save_model
 
 __all__ = ["train", "stage_schedule", "learning_rate"]
 
@@ -205,6 +205,7 @@ def _train(cfg: Config, out: Path, resume: bool, ctx: Context, progress: bool) -
     ctx.barrier()  # every rank has looked before rank 0 writes anything
 
     saved = _read_checkpoint(ckpt_path, cfg) if resume else None  # before any slow work
+    init = read_init(cfg.train.init) if cfg.train.init and not resume else None  # resumed: weights in the checkpoint
     if ctx.main:
         for stale in out.glob(".checkpoint.*.pt"):  # a write cut short by a crash (the rename never happened)
             stale.unlink()
@@ -217,8 +218,8 @@ def _train(cfg: Config, out: Path, resume: bool, ctx: Context, progress: bool) -
     if device.type == "cpu" or cfg.train.precision == "bfloat16":  # faster convolutions (methods.use_channels_last)
         use_channels_last(model, info.dim)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, betas=tuple(cfg.train.betas))
-    if cfg.train.init and not resume:  # a resumed run has its weights in the checkpoint
-        initialise_from(model, info, cfg.train.init)
+    if init:
+        initialise_from(model, info, cfg.train.init, init)
     step = _restore(saved, model, optimizer, ctx) if resume else 0
     if ctx.main:
         _trim_log(log_path, step)
