@@ -38,7 +38,7 @@ from cyclereg.methods import Passes  # noqa: E402
 from cyclereg.metrics import dice_labels, jacobian_determinant  # noqa: E402
 from cyclereg.modelfile import load_model  # noqa: E402
 from cyclereg.preprocess import Preprocessing, model_grid, prepare, resample  # noqa: E402
-from cyclereg.register import Pair, on_fixed_grid, register_pair, sample_like_itk  # noqa: E402
+from cyclereg.register import NO_IO, InstanceOptimisation, Pair, on_fixed_grid, register_pair, sample_like_itk  # noqa: E402
 from cyclereg.transforms import warp  # noqa: E402
 
 BRAIN = SHARED / "brain"
@@ -99,10 +99,10 @@ def score(pair: dict, displacement: torch.Tensor, eval_labels) -> dict:
             "folded_percent": 100.0 * float((det <= 0).double().mean())}
 
 
-def run_cyclereg(model, info, pair, io_steps=0, io_lr=2e-4):
+def run_cyclereg(model, info, pair, tuning=NO_IO):
     fixed, moving = sitk.ReadImage(str(pair["fixed"])), sitk.ReadImage(str(pair["moving"]))
     t0 = time.perf_counter()
-    reg = register_pair(model, info, Pair(fixed, moving), io_steps, io_lr)
+    reg = register_pair(model, info, Pair(fixed, moving), tuning)
     displacement = on_fixed_grid(reg).displacement[0]
     return displacement, time.perf_counter() - t0
 
@@ -163,6 +163,8 @@ def main() -> None:
     parser.add_argument("--passes", type=int, nargs="*", default=[], help="also cyclereg run this many passes (register --passes)")
     parser.add_argument("--io-steps", type=int, default=0, help="also cyclereg with instance optimisation of this many steps")
     parser.add_argument("--io-lr", type=float, default=5e-4)
+    parser.add_argument("--io-downsample", type=int, default=1, help="instance optimisation of the steps downsampled "
+                        "by a multiple of this, on the pair downsampled by it (register --io-downsample)")
     parser.add_argument("--full-res", action="store_true", help="also time `cyclereg register` at 160x192x224")
     parser.add_argument("--note", default="", help="a line added to the report (how the model was trained)")
     args = parser.parse_args()
@@ -177,9 +179,10 @@ def main() -> None:
     if args.io_steps:  # with --passes, in the most passes asked for
         io_passes = max(args.passes, default=1)
         runner = Passes(model, io_passes) if io_passes > 1 else model
-        methods[f"cyclereg + instance optimisation ({args.io_steps} steps, lr {args.io_lr:g})"
-                + (f", {io_passes} passes" if io_passes > 1 else "")] = \
-            lambda p: run_cyclereg(runner, info, p, args.io_steps, args.io_lr)
+        tuning = InstanceOptimisation(args.io_steps, args.io_lr, args.io_downsample)
+        name = f"cyclereg + instance optimisation ({tuning.steps} steps, lr {tuning.lr:g}"
+        name += f", --io-downsample {tuning.downsample})" if tuning.downsample > 1 else ")"
+        methods[name + (f", {io_passes} passes" if io_passes > 1 else "")] = lambda p: run_cyclereg(runner, info, p, tuning)
     methods["demons (SimpleITK)"] = lambda p: run_reference(demons_register, p)
     if not args.skip_syn:
         methods["SyN (antspyx)"] = lambda p: run_reference(syn_register, p)

@@ -18,7 +18,7 @@ from common import SHARED, append_report, train_and_score  # noqa: E402
 
 from cyclereg.evaluate import score_pairs, summarise  # noqa: E402
 from cyclereg.methods import settings_from_config  # noqa: E402
-from cyclereg.register import instance_optimisation  # noqa: E402
+from cyclereg.register import InstanceOptimisation, instance_optimisation  # noqa: E402
 
 NETWORK = {"network": "unet", "params": {"channels": [16, 32, 64, 128]}}
 
@@ -46,7 +46,7 @@ def instance_rows(model, info, moving, fixed, steps) -> list[str]:
             f"| {alone['folds_percent']:.3f} | {alone['ic_error']:.3f} | – |"]
     for lr in (2e-4, 1e-3):
         def register(m, f, lr=lr):
-            with instance_optimisation(model, m, f, settings, steps, lr=lr) as tuned:
+            with instance_optimisation(model, m, f, settings, InstanceOptimisation(steps, lr)) as tuned:
                 return tuned(m, f), tuned(f, m)
         io = summarise(score_pairs(model, moving, fixed, batch_size=1, register=register), info.shape)
         rows.append(f"| GradICON + instance optimisation, {steps} steps, lr {lr:g} (same pairs; {io['seconds_per_pair']:.2f} s/pair) "

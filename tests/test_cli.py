@@ -491,16 +491,23 @@ def test_register_with_compile_gives_the_uncompiled_result_and_reports_compile_t
     np.testing.assert_allclose(outputs[True], outputs[False], atol=1e-4)
 
 
-def test_register_on_patches_with_a_two_step_model(tmp_path, pair_files, capsys):
-    """``--patch`` runs the second step on blended patches: one patch covering the model grid gives
-    the whole-image result; smaller patches give a valid map; wrong options are named."""
+@pytest.fixture(scope="module")
+def two_step_model(tmp_path_factory):
+    """A model file of two steps, the first downsampled 2, the second trained on patches."""
+    tmp_path = tmp_path_factory.mktemp("two_step")
     raw = tiny_config_dict(train__steps=4)
     raw["model"]["steps"] = [{"network": "unet", "downsample": 2, "params": {"channels": [4, 8]}},
                              {"network": "unet", "params": {"channels": [4, 8]}}]
     raw["train"]["stages"] = [{"fraction": 0.5, "train": [0]}, {"fraction": 0.5, "train": [1], "patch": [8, 8]}]
     config = write_toml(tmp_path / "two.toml", raw)
     assert main(["train", str(config), "--out", str(tmp_path / "run"), "--quiet", "--device", "cpu"]) == 0
-    model = tmp_path / "run" / "model.safetensors"
+    return tmp_path / "run" / "model.safetensors"
+
+
+def test_register_on_patches_with_a_two_step_model(two_step_model, tmp_path, pair_files, capsys):
+    """``--patch`` runs the second step on blended patches: one patch covering the model grid gives
+    the whole-image result; smaller patches give a valid map; wrong options are named."""
+    model = two_step_model
     base = ["register", "--model", model, "--fixed", pair_files["fixed"], "--moving", pair_files["moving"], "--device", "cpu"]
     outputs = {}
     for name, extra in (("whole", []), ("one patch", ["--patch", "64", "64"]), ("patches", ["--patch", "10", "12", "--overlap", "4", "4"])):
@@ -527,3 +534,24 @@ def test_register_on_patches_with_a_two_step_model(tmp_path, pair_files, capsys)
         assert code == 2
         assert_one_line_error(err, message)
         assert not (tmp_path / "w.nii.gz").exists()
+
+
+def test_instance_optimisation_of_the_downsampled_steps(two_step_model, trained, tmp_path, pair_files, capsys):
+    """``--io-downsample 2`` tunes the downsampled first step on the pair downsampled 2: a valid map,
+    another than the model's alone. A factor that is not 1, 2 or 4, or a model whose first step is
+    not downsampled, is refused before anything is written."""
+    base = ["register", "--fixed", pair_files["fixed"], "--moving", pair_files["moving"], "--device", "cpu"]
+    fields = {}
+    for name, extra in (("alone", []), ("tuned", ["--io-steps", "5", "--io-lr", "1e-3", "--io-downsample", "2"])):
+        out = tmp_path / f"{name}.nii.gz"
+        code, stdout, err = run_cli(capsys, *base, "--model", two_step_model, "--transform", out, *extra)
+        assert code == 0, err
+        fields[name] = sitk.GetArrayFromImage(sitk.ReadImage(str(out)))
+    assert np.isfinite(fields["tuned"]).all() and np.abs(fields["tuned"] - fields["alone"]).max() > 1e-4
+    for model, extra, message in ((two_step_model, ["--io-downsample", "3"], "--io-downsample: expected 1, 2 or 4"),
+                                  (trained / "model.safetensors", ["--io-downsample", "2"], "first step is not downsampled")):
+        warped = tmp_path / "w.nii.gz"
+        code, _, err = run_cli(capsys, *base, "--model", model, "--warped", warped, "--io-steps", "2", *extra)
+        assert code == 2
+        assert_one_line_error(err, "--io-downsample", message)
+        assert not warped.exists()

@@ -1,14 +1,19 @@
 """Direct optimisation of one pair's fields, and instance optimisation of a trained network."""
 
+import pytest
 import torch
 
 from cyclereg.data import triangles_and_circles
 from cyclereg.losses import mse
-from cyclereg.methods import LossSettings, Passes, build_model, loss_terms
+from cyclereg.coords import identity_grid
+from cyclereg.errors import UsageError
+from cyclereg.methods import LossSettings, Passes, RegistrationModel, build_model, coarse_view, downsample, loss_terms
 from cyclereg.metrics import count_folds
 from cyclereg.optimize import optimize_pair
-from cyclereg.register import instance_optimisation
+from cyclereg.register import InstanceOptimisation, instance_optimisation
 from cyclereg.transforms import map_on_grid, warp
+
+from conftest import smooth_image
 
 
 def _pair(size=24):
@@ -50,7 +55,7 @@ def test_instance_optimisation_improves_the_pair_and_restores_the_weights():
     settings = LossSettings("icon", "mse", lam=64.0)
     with torch.no_grad():
         before = float(mse(warp(moving, model(moving, fixed)), fixed))
-    with instance_optimisation(model, moving, fixed, settings, steps=40, lr=2e-3) as tuned, torch.no_grad():
+    with instance_optimisation(model, moving, fixed, settings, InstanceOptimisation(40, 2e-3)) as tuned, torch.no_grad():
         during = float(mse(warp(moving, tuned(moving, fixed)), fixed))
     with torch.no_grad():
         after = float(mse(warp(moving, model(moving, fixed)), fixed))
@@ -69,11 +74,71 @@ def test_instance_optimisation_of_a_model_run_in_passes_tunes_one_pass():
     tuned_weights = []
     for runner in (model, Passes(model, 3)):
         torch.manual_seed(0)  # the ICON loss draws random points
-        with instance_optimisation(runner, moving, fixed, settings, steps=5, lr=2e-3) as tuned:
+        with instance_optimisation(runner, moving, fixed, settings, InstanceOptimisation(5, 2e-3)) as tuned:
             tuned_weights.append({k: v.clone() for k, v in model.state_dict().items()})
             assert tuned is runner
     assert all(torch.equal(v, tuned_weights[1][k]) for k, v in tuned_weights[0].items())
     assert any(not torch.equal(v, model.state_dict()[k]) for k, v in tuned_weights[0].items())
+
+
+def _two_step_model(dim, shape, std=0.02):
+    model = build_model([{"network": "unet", "downsample": 2, "params": {"channels": [8, 16]}},
+                         {"network": "unet", "params": {"channels": [8, 16]}}], dim, shape).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim > 1:
+                p.normal_(0, std)
+    return model
+
+
+def test_coarse_view_is_the_downsampled_steps_on_the_downsampled_pair(dim):
+    """The view shares the networks of the leading downsampled steps and, on the pair downsampled
+    as they downsample it, gives the same map as those steps on the whole pair."""
+    shape = (17, 15, 13)[:dim]
+    model = _two_step_model(dim, shape)
+    moving, fixed = smooth_image(shape, 1, 1), smooth_image(shape, 1, 2)
+    view = coarse_view(model, 2)
+    assert [s.factor for s in view.steps] == [1] and view.steps[0].network is model.steps[0].network
+    points = identity_grid(shape)
+    with torch.no_grad():
+        expected = model.steps[0](moving, fixed)(points)
+        got = view(downsample(moving, 2), downsample(fixed, 2))(points)
+        assert (expected - points).abs().max() > 1e-3  # not the identity
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+
+    three = build_model([{"network": "unet", "downsample": f, "params": {"channels": [4]}} for f in (4, 2, 1)], dim, shape)
+    assert [s.factor for s in coarse_view(three, 2).steps] == [2, 1]
+    assert [s.factor for s in coarse_view(three, 4).steps] == [1]
+    with pytest.raises(ValueError, match="not a multiple of 2"):
+        coarse_view(RegistrationModel(three.steps[2:]), 2)
+
+
+def test_instance_optimisation_downsampled_tunes_only_the_coarse_steps():
+    """``downsample = 2`` tunes the downsampled step on the downsampled pair and leaves the full-
+    resolution step as trained; its loss there falls, and every weight is restored afterwards."""
+    moving, fixed = _pair(24)
+    model = _two_step_model(2, (24, 24))
+    stored = {k: v.clone() for k, v in model.state_dict().items()}
+    settings = LossSettings("icon", "mse", lam=64.0)
+    coarse = coarse_view(model, 2)
+    small = downsample(moving, 2), downsample(fixed, 2)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        before = float(loss_terms(coarse, *small, settings)[0])
+    with instance_optimisation(model, moving, fixed, settings, InstanceOptimisation(30, 2e-3, downsample=2)) as tuned:
+        torch.manual_seed(0)
+        with torch.no_grad():
+            during = float(loss_terms(coarse, *small, settings)[0])
+        changed = {k for k, v in tuned.state_dict().items() if not torch.equal(v, stored[k])}
+    assert during < 0.9 * before
+    assert changed and all(k.startswith("steps.0.") for k in changed)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in stored.items())
+    with pytest.raises(UsageError, match="--io-downsample 2"):
+        fine_first = RegistrationModel(model.steps[1:])
+        with instance_optimisation(fine_first, moving, fixed, settings, InstanceOptimisation(3, 2e-3, downsample=2)):
+            pass
+    with pytest.raises(UsageError, match="--io-steps"):
+        InstanceOptimisation(-1)
 
 
 def test_instance_optimisation_restores_weights_after_an_error():
@@ -81,7 +146,7 @@ def test_instance_optimisation_restores_weights_after_an_error():
     model = build_model([{"network": "unet", "params": {"channels": [8, 16]}}], 2, (16, 16)).eval()
     stored = {k: v.clone() for k, v in model.state_dict().items()}
     try:
-        with instance_optimisation(model, moving, fixed, LossSettings("icon", "mse", lam=1.0), steps=3, lr=0.1):
+        with instance_optimisation(model, moving, fixed, LossSettings("icon", "mse", lam=1.0), InstanceOptimisation(3, 0.1)):
             raise RuntimeError("interrupted")
     except RuntimeError:
         pass

@@ -15,6 +15,8 @@ from .errors import CycleregError, Interrupted, UsageError
 
 
 IO_LR = 2e-4
+IO_DOWNSAMPLE_HELP = ("instance optimisation of the model's steps downsampled by a multiple of this (1, 2 or 4), on the "
+                      "pair downsampled by it: far cheaper per step; the finer steps run as trained (default: %(default)s)")
 PASSES_HELP = ("run the model this many times, each pass on the moving image warped by the passes before; "
                "more accurate for one network call per pass (default: %(default)s)")
 
@@ -60,6 +62,7 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--io-steps", type=int, default=0, help="instance optimisation steps per pair")
     ev.add_argument("--io-lr", type=float, default=IO_LR, help="instance optimisation learning rate (default: %(default)s)")
+    ev.add_argument("--io-downsample", type=int, default=1, help=IO_DOWNSAMPLE_HELP)
     ev.add_argument("--passes", type=int, default=1, help=PASSES_HELP)
     ev.add_argument("--json", default=None, help="write the summary here")
     ev.add_argument("--device", default=None)
@@ -83,6 +86,7 @@ def _parser() -> argparse.ArgumentParser:
     rg.add_argument("--figure", help="PNG of orthogonal slices: fixed, moving, warped, difference, deformed grid")
     rg.add_argument("--io-steps", type=int, default=0, help="instance optimisation steps on this pair")
     rg.add_argument("--io-lr", type=float, default=IO_LR, help="instance optimisation learning rate (default: %(default)s)")
+    rg.add_argument("--io-downsample", type=int, default=1, help=IO_DOWNSAMPLE_HELP)
     rg.add_argument("--passes", type=int, default=1, help=PASSES_HELP)
     rg.add_argument("--patch", type=int, nargs="+", help="two-step models: run the second step on overlapping "
                     "patches of this many voxels of the model grid per axis (CycleMorph's multi-scale scheme)")
@@ -125,6 +129,13 @@ def _load(args, device=None):
         print(f"cyclereg: torch.compile: {seconds:.1f} s to compile for {'x'.join(map(str, info.shape))} "
               "(other shapes compile on first use)", file=sys.stderr)
     return model, info
+
+
+def _io(args):
+    """The instance optimisation asked for by ``--io-steps``, ``--io-lr`` and ``--io-downsample``."""
+    from .register import InstanceOptimisation
+
+    return InstanceOptimisation(args.io_steps, args.io_lr, args.io_downsample)
 
 
 def _passes(args, model):
@@ -187,8 +198,7 @@ def _cmd_evaluate(args) -> int:
 
     if args.pairs < 1:
         raise UsageError(f"--pairs: expected at least 1, got {args.pairs}")
-    if args.io_steps < 0 or args.io_lr <= 0:
-        raise UsageError(f"--io-steps must be >= 0 and --io-lr > 0, got {args.io_steps} and {args.io_lr}")
+    tuning = _io(args)
     for name, out in (("--json", args.json), ("--per-pair", args.per_pair)):
         if out:
             check_output(out, name)
@@ -200,13 +210,13 @@ def _cmd_evaluate(args) -> int:
         with distributed.session(_device(args.device)) as ctx:  # under torchrun: the pairs are split across processes
             model, info = _load(args, ctx.device)
             model = _passes(args, model)
-            summary = evaluate_csv(model, info, args.pairs_csv, io_steps=args.io_steps, io_lr=args.io_lr,
+            summary = evaluate_csv(model, info, args.pairs_csv, tuning=tuning,
                                    labels=labels, per_pair=args.per_pair, ctx=ctx)
         if summary is None:  # not rank 0: rank 0 reports
             return 0
     else:
         model, info = _load(args)
-        summary = _evaluate_dataset(_passes(args, model), info, args)
+        summary = _evaluate_dataset(_passes(args, model), info, args, tuning)
     text = json.dumps(summary, indent=2)
     print(text)
     if args.json:
@@ -214,7 +224,7 @@ def _cmd_evaluate(args) -> int:
     return 0
 
 
-def _evaluate_dataset(model, info, args) -> dict:
+def _evaluate_dataset(model, info, args, tuning) -> dict:
     import dataclasses
 
     from .data import dataset_images, fixed_pairs
@@ -239,11 +249,11 @@ def _evaluate_dataset(model, info, args) -> dict:
     moving, fixed = fixed_pairs(images, args.pairs, args.seed)
 
     def tuned_pair(m, f):
-        with instance_optimisation(model, m, f, settings_from_config(info.config.model), args.io_steps, args.io_lr) as tuned:
+        with instance_optimisation(model, m, f, settings_from_config(info.config.model), tuning) as tuned:
             return tuned(m, f), tuned(f, m)
 
-    register = tuned_pair if args.io_steps else None
-    batch = 1 if args.io_steps else 64
+    register = tuned_pair if tuning.steps else None
+    batch = 1 if tuning.steps else 64
     return summarise(score_pairs(model, moving, fixed, batch_size=batch, register=register), info.shape)
 
 
@@ -256,12 +266,12 @@ def _cmd_register(args) -> int:
         raise UsageError("register needs --fixed and --moving, or --pairs-csv with --out-dir")
     _check_outputs({"--warped": args.warped, "--transform": args.transform, "--warped-labels": args.warped_labels,
                     "--jacobian": args.jacobian, "--figure": args.figure})
+    tuning = _io(args)
     model, info = _load(args)
     model = _passes(args, _patchwise(args, model, info))
     summary = register_files(model, info, args.fixed, args.moving, warped=args.warped, transform=args.transform,
                              jacobian=args.jacobian, moving_labels=args.moving_labels,
-                             warped_labels=args.warped_labels, io_steps=args.io_steps, io_lr=args.io_lr,
-                             figure=args.figure)
+                             warped_labels=args.warped_labels, tuning=tuning, figure=args.figure)
     print(json.dumps(summary))
     return 0
 
@@ -274,12 +284,13 @@ def _register_csv(args) -> int:
         raise UsageError("--pairs-csv replaces --fixed, --moving and the single-pair outputs; use --out-dir and --outputs")
     if not args.out_dir:
         raise UsageError("--pairs-csv needs --out-dir")
+    tuning = _io(args)
     # Under torchrun the pairs are split across processes; they never need to talk, so no process group.
     ctx = distributed.environment(_device(args.device))
     model, info = _load(args, ctx.device)
     model = _passes(args, _patchwise(args, model, info))
     outputs = [o.strip() for o in args.outputs.split(",") if o.strip()]
-    for summary in register_csv(model, info, args.pairs_csv, args.out_dir, outputs, args.io_steps, args.io_lr,
+    for summary in register_csv(model, info, args.pairs_csv, args.out_dir, outputs, tuning,
                                 ctx.rank, ctx.world, progress=ctx.main):
         print(json.dumps(summary), flush=True)
     return 0

@@ -26,7 +26,7 @@ from .image_io import Geometry, read_image
 from .label_metrics import folded_percent, hd95, label_volumes, log_jacobian_std
 from .metrics import dice_labels, dice_threshold
 from .preprocess import model_grid, prepare
-from .register import map_physical, on_fixed_grid, read_pair, register_pair, sample_like_itk, warp_image
+from .register import NO_IO, InstanceOptimisation, map_physical, on_fixed_grid, read_pair, register_pair, sample_like_itk, warp_image
 
 REQUIRED = ("fixed", "moving")
 
@@ -75,17 +75,17 @@ def parse_labels(text: str | None) -> list[int] | None:
     return labels
 
 
-def _score_pair(model, info, row: dict, labels, io_steps, io_lr) -> dict:
+def _score_pair(model, info, row: dict, labels, tuning: InstanceOptimisation) -> dict:
     device = next(model.parameters()).device
     pair = read_pair(row["fixed"], row["moving"], row.get("moving_labels") or None, dim=info.dim,
                      names=("fixed", "moving", "moving_labels"))
     t0 = time.perf_counter()
-    reg = register_pair(model, info, pair, io_steps, io_lr)
+    reg = register_pair(model, info, pair, tuning)
     grid = on_fixed_grid(reg, device)
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
-    reverse = register_pair(model, info, pair.reversed(), io_steps, io_lr)
+    reverse = register_pair(model, info, pair.reversed(), tuning)
     back = map_physical(reverse, grid.moving_physical.double())
     g_fixed, g_moving = Geometry.of(pair.fixed), Geometry.of(pair.moving)
     spacing = tuple(reversed(g_fixed.spacing))
@@ -120,7 +120,7 @@ def _normalised(image, info) -> torch.Tensor:
     return prepare(image, model_grid(image, prep), prep)
 
 
-def evaluate_csv(model, info, csv_path, io_steps: int = 0, io_lr: float = 2e-4, labels=None, per_pair=None,
+def evaluate_csv(model, info, csv_path, tuning: InstanceOptimisation = NO_IO, labels=None, per_pair=None,
                  progress: bool = True, ctx=None) -> dict | None:
     """Score every pair of ``csv_path``; write the per-pair table to ``per_pair`` (CSV) if given and
     return the summary (means over pairs).
@@ -138,7 +138,7 @@ def evaluate_csv(model, info, csv_path, io_steps: int = 0, io_lr: float = 2e-4, 
     scored, failure = [], None
     for i in tqdm(mine, desc="evaluate", disable=not (progress and ctx.main), dynamic_ncols=True):
         try:
-            scored.append((i, _score_pair(model, info, rows[i], labels, io_steps, io_lr)))
+            scored.append((i, _score_pair(model, info, rows[i], labels, tuning)))
         except CycleregError as err:
             failure = (i, type(err), f"--pairs-csv {csv_path}, line {i + 2}: {err}")
             break

@@ -20,8 +20,8 @@ from .coords import identity_grid, voxel_scale
 from .networks import build_network
 from .transforms import DisplacementField, Transform, map_on_grid, warp
 
-__all__ = ["Step", "cascade", "RegistrationModel", "Passes", "CycleMorph", "LossSettings", "METHODS", "loss_terms", "build_model",
-           "settings_from_config", "use_channels_last", "compile_networks"]
+__all__ = ["Step", "cascade", "RegistrationModel", "Passes", "CycleMorph", "coarse_view", "LossSettings", "METHODS",
+           "loss_terms", "build_model", "settings_from_config", "use_channels_last", "compile_networks"]
 
 
 def downsample(images: torch.Tensor, factor: int) -> torch.Tensor:
@@ -243,6 +243,28 @@ def split_steps(model, first: int):
         ba = split_steps(model.g_ba, first)
         return CycleMorph(ab[0], ba[0]), CycleMorph(ab[1], ba[1])
     return RegistrationModel(model.steps[:first]), RegistrationModel(model.steps[first:])
+
+
+def coarse_view(model, factor: int):
+    """The leading steps of ``model`` that downsample by a multiple of ``factor``, as a model of the
+    images downsampled ``factor`` times: the same networks (tuning the view tunes ``model``), each
+    downsampling ``factor`` times less, so that every network sees the grid it sees in ``model``.
+    A CycleMorph model gives a CycleMorph view. Raises ``ValueError`` if the first step is finer."""
+    if isinstance(model, CycleMorph):
+        if not hasattr(model, "g_ba"):
+            return CycleMorph(coarse_view(model.g_ab, factor))
+        return CycleMorph(coarse_view(model.g_ab, factor), coarse_view(model.g_ba, factor))
+    views = []
+    for step in model.steps:
+        if step.factor % factor:
+            break
+        view = Step(step.network, step.factor // factor, step.units)
+        view.channels_last = step.channels_last
+        views.append(view)
+    if not views:
+        raise ValueError(f"coarse_view: the model's first step is downsampled {model.steps[0].factor}, "
+                         f"not a multiple of {factor}")
+    return RegistrationModel(views)
 
 
 def _cyclemorph(model, moving, fixed, settings):

@@ -24,13 +24,13 @@ from .coords import identity_grid
 from .errors import CycleregError, DataError, UsageError
 from .atomic import atomic_path
 from .image_io import Geometry, image_to_tensor, read_image, read_transform, write_displacement, write_image
-from .methods import LossSettings, Passes, loss_terms, settings_from_config
+from .methods import LossSettings, Passes, coarse_view, downsample, loss_terms, settings_from_config
 from .label_metrics import folded_percent
 from .metrics import jacobian_determinant
 from .preprocess import Preprocessing, model_grid, prepare
 from .transforms import Transform, sample
 
-__all__ = ["Pair", "read_pair", "Registration", "model_inputs", "instance_optimisation", "register_tensors",
+__all__ = ["Pair", "read_pair", "Registration", "model_inputs", "InstanceOptimisation", "NO_IO", "instance_optimisation", "register_tensors",
            "register_pair", "map_physical", "on_fixed_grid", "sample_like_itk", "warp_image", "write_outputs", "register_files",
            "register_csv", "warp_file"]
 
@@ -80,23 +80,57 @@ def model_inputs(pair: Pair, prep: Preprocessing, size=None) -> tuple[Geometry, 
     return grid, prepare(pair.moving, grid, prep, pair.moving_name), prepare(pair.fixed, grid, prep, pair.fixed_name)
 
 
+@dataclass(frozen=True)
+class InstanceOptimisation:
+    """Instance optimisation (ICON, GradICON): fine-tune the trained model on the one pair it
+    registers, ``steps`` Adam steps of rate ``lr`` on its training loss.
+
+    ``downsample`` > 1 tunes only the model's leading steps downsampled by a multiple of it, on the
+    pair downsampled by it (:func:`~cyclereg.methods.coarse_view`); the finer steps run as trained.
+    A step then costs about ``downsample^-d`` of one on the model grid: on the brain recipe's 2 mm
+    model, 1.1 s against 10.5 s with ``downsample = 2`` (measured on this project's 2-core CPU)."""
+
+    steps: int = 0
+    lr: float = 2e-4
+    downsample: int = 1
+
+    def __post_init__(self):
+        if self.steps < 0:
+            raise UsageError(f"--io-steps: expected a number of steps >= 0, got {self.steps}")
+        if not self.lr > 0:
+            raise UsageError(f"--io-lr: expected a learning rate > 0, got {self.lr}")
+        if self.downsample not in (1, 2, 4):
+            raise UsageError(f"--io-downsample: expected 1, 2 or 4, got {self.downsample}")
+
+
+NO_IO = InstanceOptimisation()
+
+
 @contextlib.contextmanager
-def instance_optimisation(model, moving, fixed, settings: LossSettings, steps: int, lr: float = 2e-4):
-    """Fine-tune ``model`` on one pair for ``steps`` Adam steps with its training loss (batch norm
-    in evaluation mode), yield it, then restore the original weights whatever happens. A model run in
-    :class:`~cyclereg.methods.Passes` is fine-tuned as trained: one pass."""
+def instance_optimisation(model, moving, fixed, settings: LossSettings, tuning: InstanceOptimisation):
+    """Fine-tune ``model`` on one pair as ``tuning`` says (batch norm in evaluation mode), yield it, then
+    restore the original weights whatever happens. A model run in :class:`~cyclereg.methods.Passes`
+    is fine-tuned as trained: one pass."""
     trained = model.model if isinstance(model, Passes) else model
+    if tuning.steps and tuning.downsample > 1:
+        try:
+            trained = coarse_view(trained, tuning.downsample)
+        except ValueError:
+            raise UsageError(f"--io-downsample {tuning.downsample}: the model's first step is not downsampled by a "
+                             f"multiple of {tuning.downsample}, so no step can be tuned on the downsampled pair") from None
+        moving, fixed = downsample(moving, tuning.downsample), downsample(fixed, tuning.downsample)
     saved = copy.deepcopy(model.state_dict())
     try:
-        if steps > 0:
+        if tuning.steps > 0:
             model.eval()
-            params = [p for p in model.parameters()]
+            trained.eval()
+            params = list(trained.parameters())
             flags = [p.requires_grad for p in params]
             for p in params:
                 p.requires_grad_(True)
-            optimizer = torch.optim.Adam(params, lr=lr)
+            optimizer = torch.optim.Adam(params, lr=tuning.lr)
             with torch.enable_grad():
-                for _ in range(steps):
+                for _ in range(tuning.steps):
                     loss, _ = loss_terms(trained, moving, fixed, settings)
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
@@ -109,12 +143,11 @@ def instance_optimisation(model, moving, fixed, settings: LossSettings, steps: i
         model.eval()
 
 
-def register_tensors(model, info, moving: torch.Tensor, fixed: torch.Tensor, io_steps: int = 0,
-                     io_lr: float = 2e-4) -> Transform:
+def register_tensors(model, info, moving: torch.Tensor, fixed: torch.Tensor, tuning: InstanceOptimisation = NO_IO) -> Transform:
     """``Φ_AB`` for prepared inputs ``(1, 1, *spatial)`` on one model grid."""
     device = next(model.parameters()).device
     m, f = moving.to(device), fixed.to(device)
-    with instance_optimisation(model, m, f, settings_from_config(info.config.model), io_steps, io_lr) as tuned, torch.inference_mode():
+    with instance_optimisation(model, m, f, settings_from_config(info.config.model), tuning) as tuned, torch.inference_mode():
         return tuned(m, f)
 
 
@@ -127,12 +160,10 @@ class Registration:
     phi: Transform
 
 
-def register_pair(model, info, pair: Pair, io_steps: int = 0, io_lr: float = 2e-4) -> Registration:
-    if io_steps < 0:
-        raise UsageError(f"--io-steps: expected a number of steps >= 0, got {io_steps}")
+def register_pair(model, info, pair: Pair, tuning: InstanceOptimisation = NO_IO) -> Registration:
     fixed_shape = any(s.network == "mlp" for s in info.config.model.steps)
     grid, m, f = model_inputs(pair, info.preprocess, tuple(reversed(info.shape)) if fixed_shape else None)
-    return Registration(pair, grid, register_tensors(model, info, m, f, io_steps, io_lr))
+    return Registration(pair, grid, register_tensors(model, info, m, f, tuning))
 
 
 @dataclass
@@ -222,13 +253,13 @@ def write_outputs(reg: Registration, device=None, warped=None, transform=None, j
 
 
 def register_files(model, info, fixed, moving, warped=None, transform=None, jacobian=None,
-                   moving_labels=None, warped_labels=None, io_steps: int = 0, io_lr: float = 2e-4, figure=None) -> dict:
+                   moving_labels=None, warped_labels=None, tuning: InstanceOptimisation = NO_IO, figure=None) -> dict:
     """Register the files ``moving`` to ``fixed`` with a trained model and write the requested
     outputs in the fixed image's space. Returns a summary (folds, Jacobian range)."""
     if (moving_labels is None) != (warped_labels is None):
         raise UsageError("--moving-labels and --warped-labels go together")
     pair = read_pair(fixed, moving, moving_labels, dim=info.dim)
-    reg = register_pair(model, info, pair, io_steps, io_lr)
+    reg = register_pair(model, info, pair, tuning)
     return write_outputs(reg, next(model.parameters()).device, warped=warped, transform=transform,
                          jacobian=jacobian, warped_labels=warped_labels, figure=figure)
 
@@ -237,8 +268,8 @@ OUTPUT_NAMES = {"warped": "warped.nii.gz", "transform": "transform.h5", "jacobia
                 "figure": "figure.png"}
 
 
-def register_csv(model, info, csv_path, out_dir, outputs=("warped", "transform"), io_steps: int = 0,
-                 io_lr: float = 2e-4, rank: int = 0, world: int = 1, progress: bool = True):
+def register_csv(model, info, csv_path, out_dir, outputs=("warped", "transform"), tuning: InstanceOptimisation = NO_IO,
+                 rank: int = 0, world: int = 1, progress: bool = True):
     """Register every pair of a CSV (columns ``fixed``, ``moving``, optional ``moving_labels`` and
     ``name``) with one loaded model, streaming: pair after pair, nothing kept between pairs. Outputs
     go to ``out_dir/NAME_warped.nii.gz`` and so on (``NAME``: the ``name`` column, or the moving and
@@ -271,7 +302,7 @@ def register_csv(model, info, csv_path, out_dir, outputs=("warped", "transform")
         try:
             summary = register_files(model, info, row["fixed"], row["moving"], moving_labels=labels,
                                      warped_labels=out_dir / f"{name}_warped_labels.nii.gz" if labels else None,
-                                     io_steps=io_steps, io_lr=io_lr, **{k: str(v) for k, v in files.items()})
+                                     tuning=tuning, **{k: str(v) for k, v in files.items()})
         except CycleregError as err:
             raise type(err)(f"--pairs-csv {csv_path}, line {i + 2}: {err}") from None
         yield {"name": name, "fixed": row["fixed"], "moving": row["moving"], **summary}
