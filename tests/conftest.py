@@ -117,3 +117,17 @@ def rand_points(n: int, dim: int, extra=(5, 4, 3), dtype=torch.float64, low: flo
     """Uniform random points ``(n, d, *extra[:d])`` in ``[low, high]`` (a point layout of ``d`` axes,
     as grid_sample needs)."""
     return low + (high - low) * torch.rand(n, dim, *extra[:dim], dtype=dtype)
+
+
+def random_two_step_model(dim, shape, std=0.02):
+    """A two-step model in evaluation mode, the first step downsampled 2, with random weights of
+    standard deviation ``std`` (``std=0``: the identity map)."""
+    from cyclereg.methods import build_model
+
+    model = build_model([{"network": "unet", "downsample": 2, "params": {"channels": [8, 16]}},
+                         {"network": "unet", "params": {"channels": [8, 16]}}], dim, shape).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim > 1:
+                p.normal_(0, std)
+    return model

@@ -4,22 +4,12 @@ import math
 
 import torch
 
-from cyclereg.methods import build_model, split_steps
+from cyclereg.methods import split_steps
 from cyclereg.metrics import count_folds
 from cyclereg.multiscale import blend_weight, multiscale_register, patch_starts, random_patches
 from cyclereg.transforms import map_on_grid
 
-from conftest import smooth_image
-
-
-def _model(dim, shape, std=0.02):
-    model = build_model([{"network": "unet", "downsample": 2, "params": {"channels": [8, 16]}},
-                         {"network": "unet", "params": {"channels": [8, 16]}}], dim, shape).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim > 1:
-                p.normal_(0, std)
-    return model
+from conftest import random_two_step_model, smooth_image
 
 
 def test_patch_starts_cover_the_axis_with_overlap():
@@ -41,7 +31,7 @@ def test_blend_weight_is_positive_and_peaks_in_the_middle():
 
 def test_one_patch_covering_the_image_equals_the_single_scale_model(dim):
     shape = (16, 14) if dim == 2 else (12, 10, 8)
-    model = _model(dim, shape)
+    model = random_two_step_model(dim, shape)
     a, b = smooth_image(shape, 1, 1), smooth_image(shape, 1, 2)
     with torch.no_grad():
         whole = map_on_grid(model(a, b), shape, a)
@@ -53,7 +43,7 @@ def test_blended_patches_have_no_seams():
     """A smooth local step (here: constant per patch input) blends into a field whose folds and
     jumps at patch borders are no worse than inside."""
     shape = (48, 48)
-    model = _model(2, shape, std=0.01)
+    model = random_two_step_model(2, shape, std=0.01)
     a, b = smooth_image(shape, 1, 1), smooth_image(shape, 1, 2)
     with torch.no_grad():
         field = map_on_grid(multiscale_register(model, a, b, patch=(24, 24), overlap=(8, 8)), shape, a)
@@ -69,7 +59,7 @@ def test_random_patches_cut_the_same_place_of_both_images(dim):
     patch = (8, 5) if dim == 2 else (4, 5, 6)
     fixed = torch.arange(2 * math.prod(shape), dtype=torch.float32).view(2, 1, *shape)  # every voxel its own value
     moving = fixed + 10_000
-    global_model, _ = split_steps(_model(dim, shape, std=0.0), 1)  # zero output: the identity map
+    global_model, _ = split_steps(random_two_step_model(dim, shape, std=0.0), 1)  # zero output: the identity map
     torch.manual_seed(0)
     m, f = random_patches(global_model, moving, fixed, patch)
     assert m.shape == f.shape == (2, 1) + patch

@@ -3,17 +3,17 @@
 import pytest
 import torch
 
-from cyclereg.data import triangles_and_circles
-from cyclereg.losses import mse
 from cyclereg.coords import identity_grid
+from cyclereg.data import triangles_and_circles
 from cyclereg.errors import UsageError
+from cyclereg.losses import mse
 from cyclereg.methods import LossSettings, Passes, RegistrationModel, build_model, coarse_view, downsample, loss_terms
 from cyclereg.metrics import count_folds
 from cyclereg.optimize import optimize_pair
 from cyclereg.register import InstanceOptimisation, instance_optimisation
 from cyclereg.transforms import map_on_grid, warp
 
-from conftest import smooth_image
+from conftest import random_two_step_model, smooth_image
 
 
 def _pair(size=24):
@@ -25,7 +25,6 @@ def test_direct_optimisation_reduces_the_loss(dim):
     if dim == 2:
         moving, fixed = _pair()
     else:
-        from conftest import smooth_image
         moving, fixed = smooth_image((8, 7, 6), 1, 1), smooth_image((8, 7, 6), 1, 2)
     _, _, history = optimize_pair(moving, fixed, LossSettings("icon", "mse", lam=64.0), steps=60)
     assert history[-1] < 0.7 * history[0]
@@ -81,21 +80,11 @@ def test_instance_optimisation_of_a_model_run_in_passes_tunes_one_pass():
     assert any(not torch.equal(v, model.state_dict()[k]) for k, v in tuned_weights[0].items())
 
 
-def _two_step_model(dim, shape, std=0.02):
-    model = build_model([{"network": "unet", "downsample": 2, "params": {"channels": [8, 16]}},
-                         {"network": "unet", "params": {"channels": [8, 16]}}], dim, shape).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim > 1:
-                p.normal_(0, std)
-    return model
-
-
 def test_coarse_view_is_the_downsampled_steps_on_the_downsampled_pair(dim):
     """The view shares the networks of the leading downsampled steps and, on the pair downsampled
     as they downsample it, gives the same map as those steps on the whole pair."""
     shape = (17, 15, 13)[:dim]
-    model = _two_step_model(dim, shape)
+    model = random_two_step_model(dim, shape)
     moving, fixed = smooth_image(shape, 1, 1), smooth_image(shape, 1, 2)
     view = coarse_view(model, 2)
     assert [s.factor for s in view.steps] == [1] and view.steps[0].network is model.steps[0].network
@@ -117,7 +106,7 @@ def test_instance_optimisation_downsampled_tunes_only_the_coarse_steps():
     """``downsample = 2`` tunes the downsampled step on the downsampled pair and leaves the full-
     resolution step as trained; its loss there falls, and every weight is restored afterwards."""
     moving, fixed = _pair(24)
-    model = _two_step_model(2, (24, 24))
+    model = random_two_step_model(2, (24, 24))
     stored = {k: v.clone() for k, v in model.state_dict().items()}
     settings = LossSettings("icon", "mse", lam=64.0)
     coarse = coarse_view(model, 2)
