@@ -131,7 +131,7 @@ def _load(args, device=None):
     return model, info
 
 
-def _io(args):
+def _tuning(args):
     """The instance optimisation asked for by ``--io-steps``, ``--io-lr`` and ``--io-downsample``."""
     from .register import InstanceOptimisation
 
@@ -198,7 +198,7 @@ def _cmd_evaluate(args) -> int:
 
     if args.pairs < 1:
         raise UsageError(f"--pairs: expected at least 1, got {args.pairs}")
-    tuning = _io(args)
+    tuning = _tuning(args)
     for name, out in (("--json", args.json), ("--per-pair", args.per_pair)):
         if out:
             check_output(out, name)
@@ -266,7 +266,7 @@ def _cmd_register(args) -> int:
         raise UsageError("register needs --fixed and --moving, or --pairs-csv with --out-dir")
     _check_outputs({"--warped": args.warped, "--transform": args.transform, "--warped-labels": args.warped_labels,
                     "--jacobian": args.jacobian, "--figure": args.figure})
-    tuning = _io(args)
+    tuning = _tuning(args)
     model, info = _load(args)
     model = _passes(args, _patchwise(args, model, info))
     summary = register_files(model, info, args.fixed, args.moving, warped=args.warped, transform=args.transform,
@@ -284,7 +284,7 @@ def _register_csv(args) -> int:
         raise UsageError("--pairs-csv replaces --fixed, --moving and the single-pair outputs; use --out-dir and --outputs")
     if not args.out_dir:
         raise UsageError("--pairs-csv needs --out-dir")
-    tuning = _io(args)
+    tuning = _tuning(args)
     # Under torchrun the pairs are split across processes; they never need to talk, so no process group.
     ctx = distributed.environment(_device(args.device))
     model, info = _load(args, ctx.device)

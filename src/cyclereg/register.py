@@ -30,9 +30,9 @@ from .metrics import jacobian_determinant
 from .preprocess import Preprocessing, model_grid, prepare
 from .transforms import Transform, sample
 
-__all__ = ["Pair", "read_pair", "Registration", "model_inputs", "InstanceOptimisation", "NO_IO", "instance_optimisation", "register_tensors",
-           "register_pair", "map_physical", "on_fixed_grid", "sample_like_itk", "warp_image", "write_outputs", "register_files",
-           "register_csv", "warp_file"]
+__all__ = ["Pair", "read_pair", "Registration", "model_inputs", "InstanceOptimisation", "NO_IO", "instance_optimisation",
+           "register_tensors", "register_pair", "map_physical", "on_fixed_grid", "sample_like_itk", "warp_image", "write_outputs",
+           "register_files", "register_csv", "warp_file"]
 
 
 @dataclass
