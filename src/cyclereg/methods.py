@@ -233,16 +233,21 @@ def forward_model(model) -> RegistrationModel:
     return model.g_ab if isinstance(model, CycleMorph) else model
 
 
+def _per_network(model, fn):
+    """``fn`` applied to the :class:`RegistrationModel` of ``model``; for a CycleMorph model, to each
+    of its networks (once when shared), giving a CycleMorph model of the results."""
+    if not isinstance(model, CycleMorph):
+        return fn(model)
+    if not hasattr(model, "g_ba"):
+        return CycleMorph(fn(model.g_ab))
+    return CycleMorph(fn(model.g_ab), fn(model.g_ba))
+
+
 def split_steps(model, first: int):
     """``(global, local)``: models of steps ``0..first-1`` and of steps ``first..`` of ``model``,
     sharing its modules (a CycleMorph model splits each of its networks)."""
-    if isinstance(model, CycleMorph):
-        ab = split_steps(model.g_ab, first)
-        if not hasattr(model, "g_ba"):
-            return CycleMorph(ab[0]), CycleMorph(ab[1])
-        ba = split_steps(model.g_ba, first)
-        return CycleMorph(ab[0], ba[0]), CycleMorph(ab[1], ba[1])
-    return RegistrationModel(model.steps[:first]), RegistrationModel(model.steps[first:])
+    return (_per_network(model, lambda m: RegistrationModel(m.steps[:first])),
+            _per_network(model, lambda m: RegistrationModel(m.steps[first:])))
 
 
 def coarse_view(model, factor: int):
@@ -250,10 +255,10 @@ def coarse_view(model, factor: int):
     images downsampled ``factor`` times: the same networks (tuning the view tunes ``model``), each
     downsampling ``factor`` times less, so that every network sees the grid it sees in ``model``.
     A CycleMorph model gives a CycleMorph view. Raises ``ValueError`` if the first step is finer."""
-    if isinstance(model, CycleMorph):
-        if not hasattr(model, "g_ba"):
-            return CycleMorph(coarse_view(model.g_ab, factor))
-        return CycleMorph(coarse_view(model.g_ab, factor), coarse_view(model.g_ba, factor))
+    return _per_network(model, lambda m: _coarse_steps(m, factor))
+
+
+def _coarse_steps(model: RegistrationModel, factor: int) -> RegistrationModel:
     views = []
     for step in model.steps:
         if step.factor % factor:

@@ -135,6 +135,12 @@ def read_init(path) -> tuple[RegistrationModel, ModelInfo]:
         raise DataError(f"train.init: {err}") from None
 
 
+def _networks(model_cfg) -> tuple[bool, bool]:
+    """What holds a model's steps: ``(CycleMorph pair of networks, one shared network)``."""
+    cyclemorph = model_cfg.method == "cyclemorph"
+    return cyclemorph, cyclemorph and model_cfg.shared
+
+
 def initialise_from(model, info: ModelInfo, path, init=None) -> int:
     """Copy the weights of the model file ``path`` into the first steps of ``model`` (built from
     ``info``, the config of ``train.init``). A model of ``K`` steps initialises steps ``0..K-1``: they
@@ -149,10 +155,9 @@ def initialise_from(model, info: ModelInfo, path, init=None) -> int:
     if src.field_units != info.field_units:
         raise UsageError(f"{where} is an older model file whose networks predict in domain units; it cannot start a new model")
     a, b = src.config.model, info.config.model
-    networks = lambda m: (m.method == "cyclemorph", m.method == "cyclemorph" and m.shared)  # noqa: E731 - what holds the steps
-    if networks(a) != networks(b):
-        raise UsageError(f"{where}: method {a.method}{' (shared network)' if networks(a)[1] else ''}; "
-                         f"this config trains {b.method}{' (shared network)' if networks(b)[1] else ''}, whose networks differ")
+    if _networks(a) != _networks(b):
+        raise UsageError(f"{where}: method {a.method}{' (shared network)' if _networks(a)[1] else ''}; "
+                         f"this config trains {b.method}{' (shared network)' if _networks(b)[1] else ''}, whose networks differ")
     if len(a.steps) > len(b.steps):
         raise UsageError(f"{where} has {len(a.steps)} steps; model.steps has only {len(b.steps)}")
     for k, (s_a, s_b) in enumerate(zip(a.steps, b.steps)):
