@@ -3,11 +3,12 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from cyclereg.coords import identity_grid, voxel_scale
 from cyclereg.losses import (LNCC, MSE, NCC, SIMILARITIES, Diffusion, GradientInverseConsistency, InverseConsistency,
                              diffusion, gradient_inverse_consistency, inverse_consistency, lncc, mse, ncc,
-                             random_points)
+                             random_points, _box_mean)
 from cyclereg.transforms import DisplacementField, Identity
 
 from conftest import rand_points, smooth_field, smooth_image, translation
@@ -257,3 +258,16 @@ def test_lncc_is_lowest_for_identical_images_with_a_flat_background():
     a = triangles_and_circles(4, size=32)
     b = a.roll(3, dims=-1)
     assert bool((lncc(a, a) < lncc(b, a)).all())
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 11, 14), (1, 2, 9, 7, 12)], ids=["2d", "3d"])
+@pytest.mark.parametrize("window", [3, 9])
+def test_box_mean_equals_the_mean_over_the_replicated_cubic_window(shape, window):
+    x = torch.rand(shape, generator=torch.Generator().manual_seed(window), dtype=torch.float64)
+    d, r = len(shape) - 2, window // 2
+    padded = F.pad(x, [r] * (2 * d), mode="replicate")
+    windows = padded
+    for axis in range(d):
+        windows = windows.unfold(2 + axis, window, 1)
+    expected = windows.flatten(-d).mean(-1)
+    torch.testing.assert_close(_box_mean(x, window), expected)
