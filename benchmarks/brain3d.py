@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -38,8 +39,9 @@ from cyclereg.methods import Passes  # noqa: E402
 from cyclereg.metrics import dice_labels, jacobian_determinant  # noqa: E402
 from cyclereg.modelfile import load_model  # noqa: E402
 from cyclereg.preprocess import Preprocessing, model_grid, prepare, resample  # noqa: E402
-from cyclereg.register import NO_IO, InstanceOptimisation, Pair, on_fixed_grid, register_pair, sample_like_itk  # noqa: E402
+from cyclereg.register import Pair, on_fixed_grid, register_pair, sample_like_itk  # noqa: E402
 from cyclereg.transforms import warp  # noqa: E402
+from cyclereg.tuning import NO_IO, InstanceOptimisation  # noqa: E402
 
 BRAIN = SHARED / "brain"
 
@@ -165,6 +167,11 @@ def main() -> None:
     parser.add_argument("--io-lr", type=float, default=5e-4)
     parser.add_argument("--io-downsample", type=int, default=1, help="instance optimisation of the steps downsampled "
                         "by a multiple of this, on the pair downsampled by it (register --io-downsample)")
+    parser.add_argument("--io-field-steps", type=int, default=0, help="also cyclereg with that instance optimisation, then "
+                        "this many steps of field refinement (register --io-field-steps)")
+    parser.add_argument("--io-field-lr", type=float, default=NO_IO.field_lr)
+    parser.add_argument("--io-field-weight", type=float, default=NO_IO.field_weight)
+    parser.add_argument("--io-field-downsample", type=int, default=NO_IO.field_downsample)
     parser.add_argument("--full-res", action="store_true", help="also time `cyclereg register` at 160x192x224")
     parser.add_argument("--note", default="", help="a line added to the report (how the model was trained)")
     args = parser.parse_args()
@@ -176,13 +183,21 @@ def main() -> None:
     methods = {"cyclereg": lambda p: run_cyclereg(model, info, p)}
     for n in args.passes:
         methods[f"cyclereg, {n} passes"] = lambda p, n=n: run_cyclereg(Passes(model, n), info, p)
-    if args.io_steps:  # with --passes, in the most passes asked for
-        io_passes = max(args.passes, default=1)
-        runner = Passes(model, io_passes) if io_passes > 1 else model
-        tuning = InstanceOptimisation(args.io_steps, args.io_lr, args.io_downsample)
-        name = f"cyclereg + instance optimisation ({tuning.steps} steps, lr {tuning.lr:g}"
-        name += f", --io-downsample {tuning.downsample})" if tuning.downsample > 1 else ")"
-        methods[name + (f", {io_passes} passes" if io_passes > 1 else "")] = lambda p: run_cyclereg(runner, info, p, tuning)
+    io_passes = max(args.passes, default=1)  # instance optimisation runs with the most passes asked for
+    runner = Passes(model, io_passes) if io_passes > 1 else model
+    passes = f", {io_passes} passes" if io_passes > 1 else ""
+    tuning = InstanceOptimisation(args.io_steps, args.io_lr, args.io_downsample)
+    name = f"cyclereg + instance optimisation ({tuning.steps} steps, lr {tuning.lr:g}"
+    name += f", --io-downsample {tuning.downsample})" if tuning.downsample > 1 else ")"
+    if args.io_steps:
+        methods[name + passes] = lambda p: run_cyclereg(runner, info, p, tuning)
+    if args.io_field_steps:
+        refined = replace(tuning, field_steps=args.io_field_steps, field_lr=args.io_field_lr,
+                          field_weight=args.io_field_weight, field_downsample=args.io_field_downsample)
+        field = (f"field refinement ({refined.field_steps} steps, lr {refined.field_lr:g} voxels, weight "
+                 f"{refined.field_weight:g}, --io-field-downsample {refined.field_downsample})")
+        label = f"{name} + {field}" if args.io_steps else f"cyclereg + {field}"
+        methods[label + passes] = lambda p: run_cyclereg(runner, info, p, refined)
     methods["demons (SimpleITK)"] = lambda p: run_reference(demons_register, p)
     if not args.skip_syn:
         methods["SyN (antspyx)"] = lambda p: run_reference(syn_register, p)

@@ -158,6 +158,18 @@ def test_evaluate_writes_the_summary(trained, tmp_path, capsys):
     assert json.loads(stdout) == summary
 
 
+def test_evaluate_refines_the_maps_when_asked(trained, tmp_path, capsys):
+    """``--io-field-steps`` reaches the dataset path too: both directions refined, other scores."""
+    scores = {}
+    for name, extra in (("plain", []), ("refined", ["--io-field-steps", "20", "--io-field-lr", "0.3"])):
+        code, stdout, err = run_cli(capsys, "evaluate", "--model", trained / "model.safetensors", "--dataset", "triangles",
+                                    "--pairs", 2, "--device", "cpu", *extra)
+        assert code == 0, err
+        scores[name] = json.loads(stdout)
+    assert scores["refined"]["n_pairs"] == 2 and 0 <= scores["refined"]["dice"] <= 1
+    assert scores["refined"]["ic_error"] != scores["plain"]["ic_error"]
+
+
 def test_evaluate_mnist_checks_the_model_shape(trained, tmp_path, capsys):
     write_mnist(tmp_path, n=40, split="test")
     out = tmp_path / "scores.json"
@@ -536,22 +548,27 @@ def test_register_on_patches_with_a_two_step_model(two_step_model, tmp_path, pai
         assert not (tmp_path / "w.nii.gz").exists()
 
 
-def test_instance_optimisation_of_the_downsampled_steps(two_step_model, trained, tmp_path, pair_files, capsys):
+def test_instance_optimisation_of_the_downsampled_steps_then_of_the_field(two_step_model, trained, tmp_path, pair_files, capsys):
     """``--io-downsample 2`` tunes the downsampled first step on the pair downsampled 2: a valid map,
-    another than the model's alone. A factor that is not 1, 2 or 4, or a model whose first step is
-    not downsampled, is refused before anything is written."""
+    another than the model's alone; ``--io-field-steps`` then refines that map into another valid one.
+    A factor that is not 1, 2 or 4, a model whose first step is not downsampled, or a field step of 0
+    voxels is refused before anything is written."""
     base = ["register", "--fixed", pair_files["fixed"], "--moving", pair_files["moving"], "--device", "cpu"]
     fields = {}
-    for name, extra in (("alone", []), ("tuned", ["--io-steps", "5", "--io-lr", "1e-3", "--io-downsample", "2"])):
+    tuned = ["--io-steps", "5", "--io-lr", "1e-3", "--io-downsample", "2"]
+    refined = [*tuned, "--io-field-steps", "5", "--io-field-downsample", "2"]
+    for name, extra in (("alone", []), ("tuned", tuned), ("refined", refined)):
         out = tmp_path / f"{name}.nii.gz"
         code, stdout, err = run_cli(capsys, *base, "--model", two_step_model, "--transform", out, *extra)
         assert code == 0, err
         fields[name] = sitk.GetArrayFromImage(sitk.ReadImage(str(out)))
     assert np.isfinite(fields["tuned"]).all() and np.abs(fields["tuned"] - fields["alone"]).max() > 1e-4
+    assert np.isfinite(fields["refined"]).all() and np.abs(fields["refined"] - fields["tuned"]).max() > 1e-4
     for model, extra, message in ((two_step_model, ["--io-downsample", "3"], "--io-downsample: expected 1, 2 or 4"),
-                                  (trained / "model.safetensors", ["--io-downsample", "2"], "first step is not downsampled")):
+                                  (trained / "model.safetensors", ["--io-downsample", "2"], "first step is not downsampled"),
+                                  (two_step_model, ["--io-field-steps", "2", "--io-field-lr", "0"], "--io-field-lr: expected")):
         warped = tmp_path / "w.nii.gz"
         code, _, err = run_cli(capsys, *base, "--model", model, "--warped", warped, "--io-steps", "2", *extra)
         assert code == 2
-        assert_one_line_error(err, "--io-downsample", message)
+        assert_one_line_error(err, message)
         assert not warped.exists()

@@ -10,8 +10,9 @@ from cyclereg.losses import mse
 from cyclereg.methods import LossSettings, Passes, RegistrationModel, build_model, coarse_view, downsample, loss_terms
 from cyclereg.metrics import count_folds
 from cyclereg.optimize import optimize_pair
-from cyclereg.register import InstanceOptimisation, instance_optimisation
+from cyclereg.register import instance_optimisation
 from cyclereg.transforms import map_on_grid, warp
+from cyclereg.tuning import InstanceOptimisation
 
 from conftest import random_two_step_model, smooth_image
 

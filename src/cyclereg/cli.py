@@ -14,9 +14,6 @@ from . import __version__
 from .errors import CycleregError, Interrupted, UsageError
 
 
-IO_LR = 2e-4
-IO_DOWNSAMPLE_HELP = ("instance optimisation of the model's steps downsampled by a multiple of this (1, 2 or 4), on the "
-                      "pair downsampled by it: far cheaper per step; the finer steps run as trained (default: %(default)s)")
 PASSES_HELP = ("run the model this many times, each pass on the moving image warped by the passes before; "
                "more accurate for one network call per pass (default: %(default)s)")
 
@@ -26,6 +23,27 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"cyclereg: error: {message} (see '{self.prog} --help')\n")
+
+
+def _add_io_options(parser):
+    """Instance optimisation per pair: the weights (``--io-*``), then the map (``--io-field-*``)."""
+    from .tuning import NO_IO as d
+
+    parser.add_argument("--io-steps", type=int, default=d.steps, help="instance optimisation: Adam steps on the model's "
+                        "weights for each pair, on its training loss (default: %(default)s)")
+    parser.add_argument("--io-lr", type=float, default=d.lr, help="instance optimisation learning rate (default: %(default)s)")
+    parser.add_argument("--io-downsample", type=int, default=d.downsample, help="instance optimisation of the model's steps "
+                        "downsampled by a multiple of this (1, 2 or 4), on the pair downsampled by it: far cheaper per "
+                        "step; the finer steps run as trained (default: %(default)s)")
+    parser.add_argument("--io-field-steps", type=int, default=d.field_steps, help="then refine the map itself: Adam steps "
+                        "on a smooth residual field, box LNCC + diffusion (default: %(default)s)")
+    parser.add_argument("--io-field-lr", type=float, default=d.field_lr, help="field refinement: first step in voxels, "
+                        "decayed along a cosine (default: %(default)s)")
+    parser.add_argument("--io-field-weight", type=float, default=d.field_weight,
+                        help="field refinement: weight of the residual's diffusion ‖∇R‖² (default: %(default)s)")
+    parser.add_argument("--io-field-downsample", type=int, default=d.field_downsample,
+                        help="field refinement: the residual's grid is this many times coarser than the model grid "
+                        "(default: %(default)s)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -60,9 +78,7 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--per-pair", default=None, help="--pairs-csv: write the per-pair scores to this CSV")
     ev.add_argument("--pairs", type=int, default=100, help="number of random pairs (default: %(default)s)")
     ev.add_argument("--seed", type=int, default=0)
-    ev.add_argument("--io-steps", type=int, default=0, help="instance optimisation steps per pair")
-    ev.add_argument("--io-lr", type=float, default=IO_LR, help="instance optimisation learning rate (default: %(default)s)")
-    ev.add_argument("--io-downsample", type=int, default=1, help=IO_DOWNSAMPLE_HELP)
+    _add_io_options(ev)
     ev.add_argument("--passes", type=int, default=1, help=PASSES_HELP)
     ev.add_argument("--json", default=None, help="write the summary here")
     ev.add_argument("--device", default=None)
@@ -84,9 +100,7 @@ def _parser() -> argparse.ArgumentParser:
     rg.add_argument("--warped-labels", help="warped label map (nearest neighbour, same pixel type)")
     rg.add_argument("--jacobian", help="Jacobian determinant map")
     rg.add_argument("--figure", help="PNG of orthogonal slices: fixed, moving, warped, difference, deformed grid")
-    rg.add_argument("--io-steps", type=int, default=0, help="instance optimisation steps on this pair")
-    rg.add_argument("--io-lr", type=float, default=IO_LR, help="instance optimisation learning rate (default: %(default)s)")
-    rg.add_argument("--io-downsample", type=int, default=1, help=IO_DOWNSAMPLE_HELP)
+    _add_io_options(rg)
     rg.add_argument("--passes", type=int, default=1, help=PASSES_HELP)
     rg.add_argument("--patch", type=int, nargs="+", help="two-step models: run the second step on overlapping "
                     "patches of this many voxels of the model grid per axis (CycleMorph's multi-scale scheme)")
@@ -132,10 +146,11 @@ def _load(args, device=None):
 
 
 def _tuning(args):
-    """The instance optimisation asked for by ``--io-steps``, ``--io-lr`` and ``--io-downsample``."""
-    from .register import InstanceOptimisation
+    """The instance optimisation asked for by the ``--io-*`` options."""
+    from .tuning import InstanceOptimisation
 
-    return InstanceOptimisation(args.io_steps, args.io_lr, args.io_downsample)
+    return InstanceOptimisation(args.io_steps, args.io_lr, args.io_downsample, args.io_field_steps, args.io_field_lr,
+                                args.io_field_weight, args.io_field_downsample)
 
 
 def _passes(args, model):
@@ -229,7 +244,10 @@ def _evaluate_dataset(model, info, args, tuning) -> dict:
 
     from .data import dataset_images, fixed_pairs
     from .evaluate import score_pairs, summarise
+    import torch
+
     from .methods import settings_from_config
+    from .refine import refine_as
     from .register import instance_optimisation
 
     data = info.config.data
@@ -249,11 +267,12 @@ def _evaluate_dataset(model, info, args, tuning) -> dict:
     moving, fixed = fixed_pairs(images, args.pairs, args.seed)
 
     def tuned_pair(m, f):
-        with instance_optimisation(model, m, f, settings_from_config(info.config.model), tuning) as tuned:
-            return tuned(m, f), tuned(f, m)
+        with instance_optimisation(model, m, f, settings_from_config(info.config.model), tuning) as tuned, torch.no_grad():
+            ab, ba = tuned(m, f), tuned(f, m)
+        return refine_as(tuning, ab, m, f), refine_as(tuning, ba, f, m)
 
-    register = tuned_pair if tuning.steps else None
-    batch = 1 if tuning.steps else 64
+    register = tuned_pair if tuning.steps or tuning.field_steps else None
+    batch = 1 if register else 64
     return summarise(score_pairs(model, moving, fixed, batch_size=batch, register=register), info.shape)
 
 

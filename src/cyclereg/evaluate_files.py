@@ -26,7 +26,8 @@ from .image_io import Geometry, read_image
 from .label_metrics import folded_percent, hd95, label_volumes, log_jacobian_std
 from .metrics import dice_labels, dice_threshold
 from .preprocess import model_grid, prepare
-from .register import NO_IO, InstanceOptimisation, map_physical, on_fixed_grid, read_pair, register_pair, sample_like_itk, warp_image
+from .register import map_physical, on_fixed_grid, read_pair, register_pair, sample_like_itk, warp_image
+from .tuning import NO_IO, InstanceOptimisation
 
 REQUIRED = ("fixed", "moving")
 

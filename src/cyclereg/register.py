@@ -28,9 +28,11 @@ from .methods import LossSettings, Passes, coarse_view, downsample, loss_terms, 
 from .label_metrics import folded_percent
 from .metrics import jacobian_determinant
 from .preprocess import Preprocessing, model_grid, prepare
+from .refine import refine_as
 from .transforms import Transform, sample
+from .tuning import NO_IO, InstanceOptimisation
 
-__all__ = ["Pair", "read_pair", "Registration", "model_inputs", "InstanceOptimisation", "NO_IO", "instance_optimisation",
+__all__ = ["Pair", "read_pair", "Registration", "model_inputs", "instance_optimisation",
            "register_tensors", "register_pair", "map_physical", "on_fixed_grid", "sample_like_itk", "warp_image", "write_outputs",
            "register_files", "register_csv", "warp_file"]
 
@@ -80,33 +82,6 @@ def model_inputs(pair: Pair, prep: Preprocessing, size=None) -> tuple[Geometry, 
     return grid, prepare(pair.moving, grid, prep, pair.moving_name), prepare(pair.fixed, grid, prep, pair.fixed_name)
 
 
-@dataclass(frozen=True)
-class InstanceOptimisation:
-    """Instance optimisation (ICON, GradICON): fine-tune the trained model on the one pair it
-    registers, ``steps`` Adam steps of rate ``lr`` on its training loss.
-
-    ``downsample`` > 1 tunes only the model's leading steps downsampled by a multiple of it, on the
-    pair downsampled by it (:func:`~cyclereg.methods.coarse_view`); the finer steps run as trained.
-    A step then costs about ``downsample^-d`` of one on the model grid: on the brain recipe's 2 mm
-    model (``configs/brain3d_fine.toml``), a step of the whole model took 10.5 s on this project's
-    2-core CPU, a step with ``downsample = 2`` 1.1 s."""
-
-    steps: int = 0
-    lr: float = 2e-4
-    downsample: int = 1
-
-    def __post_init__(self):
-        if self.steps < 0:
-            raise UsageError(f"--io-steps: expected a number of steps >= 0, got {self.steps}")
-        if not self.lr > 0:
-            raise UsageError(f"--io-lr: expected a learning rate > 0, got {self.lr}")
-        if self.downsample not in (1, 2, 4):
-            raise UsageError(f"--io-downsample: expected 1, 2 or 4, got {self.downsample}")
-
-
-NO_IO = InstanceOptimisation()
-
-
 @contextlib.contextmanager
 def instance_optimisation(model, moving, fixed, settings: LossSettings, tuning: InstanceOptimisation):
     """Fine-tune ``model`` on one pair as ``tuning`` says (batch norm in evaluation mode), yield it, then
@@ -148,8 +123,9 @@ def register_tensors(model, info, moving: torch.Tensor, fixed: torch.Tensor, tun
     """``Φ_AB`` for prepared inputs ``(1, 1, *spatial)`` on one model grid."""
     device = next(model.parameters()).device
     m, f = moving.to(device), fixed.to(device)
-    with instance_optimisation(model, m, f, settings_from_config(info.config.model), tuning) as tuned, torch.inference_mode():
-        return tuned(m, f)
+    with instance_optimisation(model, m, f, settings_from_config(info.config.model), tuning) as tuned, torch.no_grad():
+        phi = tuned(m, f)
+    return refine_as(tuning, phi, m, f)
 
 
 @dataclass
