@@ -167,8 +167,8 @@ def main() -> None:
     parser.add_argument("--io-lr", type=float, default=5e-4)
     parser.add_argument("--io-downsample", type=int, default=1, help="instance optimisation of the steps downsampled "
                         "by a multiple of this, on the pair downsampled by it (register --io-downsample)")
-    parser.add_argument("--io-field-steps", type=int, default=0, help="also cyclereg with that instance optimisation, then "
-                        "this many steps of field refinement (register --io-field-steps)")
+    parser.add_argument("--io-field-steps", type=int, default=0, help="also cyclereg with this many steps of field "
+                        "refinement (register --io-field-steps), alone and after the instance optimisation of --io-steps")
     parser.add_argument("--io-field-lr", type=float, default=NO_IO.field_lr)
     parser.add_argument("--io-field-weight", type=float, default=NO_IO.field_weight)
     parser.add_argument("--io-field-downsample", type=int, default=NO_IO.field_downsample)
@@ -196,8 +196,9 @@ def main() -> None:
                           field_weight=args.io_field_weight, field_downsample=args.io_field_downsample)
         field = (f"field refinement ({refined.field_steps} steps, lr {refined.field_lr:g} voxels, weight "
                  f"{refined.field_weight:g}, --io-field-downsample {refined.field_downsample})")
-        label = f"{name} + {field}" if args.io_steps else f"cyclereg + {field}"
-        methods[label + passes] = lambda p: run_cyclereg(runner, info, p, refined)
+        methods[f"cyclereg + {field}{passes}"] = lambda p: run_cyclereg(runner, info, p, replace(refined, steps=0))
+        if args.io_steps:
+            methods[f"{name} + {field}{passes}"] = lambda p: run_cyclereg(runner, info, p, refined)
     methods["demons (SimpleITK)"] = lambda p: run_reference(demons_register, p)
     if not args.skip_syn:
         methods["SyN (antspyx)"] = lambda p: run_reference(syn_register, p)
