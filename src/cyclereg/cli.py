@@ -242,10 +242,10 @@ def _cmd_evaluate(args) -> int:
 def _evaluate_dataset(model, info, args, tuning) -> dict:
     import dataclasses
 
-    from .data import dataset_images, fixed_pairs
-    from .evaluate import score_pairs, summarise
     import torch
 
+    from .data import dataset_images, fixed_pairs
+    from .evaluate import score_pairs, summarise
     from .methods import settings_from_config
     from .refine import refine_as
     from .register import instance_optimisation
