@@ -72,7 +72,8 @@ def icon_brain_net(shape):
 
 
 def train_icon(seconds: float, lr: float, seed: int = 0):
-    """GradICON trained for ``seconds`` on cyclereg's training pairs; ``(net, steps, losses)``."""
+    """GradICON trained for ``seconds`` on cyclereg's training pairs: ``(net, steps, similarity per step,
+    the pairs' preprocessing)``."""
     cfg = load_config(CONFIG, OVERRIDES)
     data = training_data(cfg.data)
     torch.manual_seed(seed)

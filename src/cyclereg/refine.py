@@ -40,6 +40,7 @@ def refine_map(phi: Transform, moving: torch.Tensor, fixed: torch.Tensor, steps:
     scale = voxel_scale(shape, fixed.device)
     with torch.no_grad():
         base = phi.displacement_on_grid(x.expand(fixed.shape[0], *x.shape[1:])).clone()
+        mapped = x + base  # Φ on the grid, fixed while R is optimised
     coarse = tuple(max(2, (n - 1) // downsample + 1) for n in shape)
     residual = torch.zeros(fixed.shape[0], len(shape), *coarse, device=fixed.device, requires_grad=True)
     optimizer = torch.optim.Adam([residual], lr=lr)
@@ -47,7 +48,7 @@ def refine_map(phi: Transform, moving: torch.Tensor, fixed: torch.Tensor, steps:
     with torch.enable_grad():
         for _ in range(steps):
             r = sample(residual, x) / scale
-            loss = (lncc_box(sample(moving, x + base + r), fixed, WINDOW) + weight * diffusion(r)).sum()
+            loss = (lncc_box(sample(moving, mapped + r), fixed, WINDOW) + weight * diffusion(r)).sum()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
