@@ -27,7 +27,7 @@ NETWORK = {"network": "unet", "params": {"channels": [16, 32, 64, 128]}}
 def variants(icon_lambdas):
     out = [(f"ICON, MSE, λ={lam:g}", {"method": "icon", "similarity": "mse", "lam": float(lam)}) for lam in icon_lambdas]
     out += [
-        ("GradICON, MSE, λ=0.5", {"method": "gradicon", "similarity": "mse", "lam": 0.5}),
+        ("GradICON, MSE, λ=2", {"method": "gradicon", "similarity": "mse", "lam": 2.0}),
         ("CycleMorph, two networks (LNCC 9, λ_R=1, α=0.1, β=0.5)", {"method": "cyclemorph", "similarity": "lncc_box", "lam": 1.0}),
         ("CycleMorph, shared network (same)", {"method": "cyclemorph", "similarity": "lncc_box", "lam": 1.0, "shared": True}),
         # The similarity ICON and GradICON use here; λ_R scaled with it (MSE is about a tenth of 1 - LNCC).

@@ -28,7 +28,7 @@ from cyclereg.transforms import map_on_grid, warp  # noqa: E402
 NETWORK = {"network": "unet", "params": {"channels": [16, 32, 64]}}
 METHODS = {
     "cyclemorph": {"method": "cyclemorph", "similarity": "mse", "lam": 0.1},
-    "gradicon": {"method": "gradicon", "similarity": "mse", "lam": 0.5},
+    "gradicon": {"method": "gradicon", "similarity": "mse", "lam": 2.0},
 }
 
 

@@ -64,7 +64,7 @@ def main(argv=None) -> None:
              "|---|---|---|---|---|---|---|---|---|"]
     networks = (("U-Net 16-32-64-128", [16, 32, 64, 128]), ("tallUNet2 (the same network)", None),
                 ("U-Net 52-104-208-416 (tallUNet2's parameters)", [52, 104, 208, 416]))
-    for (method, lam), (net_name, channels) in itertools.product((("icon", 256.0), ("gradicon", 0.05)), networks):
+    for (method, lam), (net_name, channels) in itertools.product((("icon", 256.0), ("gradicon", 0.2)), networks):
         torch.manual_seed(0)
         if channels is None:
             ours = RegistrationModel([Step(_PairInput(reference_icon.networks.tallUNet2(dimension=2)), units="domain")])

@@ -30,7 +30,7 @@ def test_cycle_and_identity_losses_are_zero_for_identity_networks(dim, shape, sh
     a, b = smooth_image(shape, 2, seed=1), smooth_image(shape, 2, seed=2)
     _, terms = loss_terms(model, a, b, SETTINGS)  # untrained networks predict the identity
     assert float(terms["cycle"].detach()) < 1e-6
-    assert float(terms["identity"].detach()) < 1e-6
+    assert float(terms["identity"].detach()) < 1e-3  # the local NCC's ε, in the images' nearly flat windows
     assert float(terms["smooth"].detach()) < 1e-9
     assert float(terms["sim"].detach()) > 0.01  # the images differ
 

@@ -267,7 +267,7 @@ def _evaluate_dataset(model, info, args, tuning) -> dict:
     moving, fixed = fixed_pairs(images, args.pairs, args.seed)
 
     def tuned_pair(m, f):
-        with instance_optimisation(model, m, f, settings_from_config(info.config.model), tuning) as tuned, torch.no_grad():
+        with instance_optimisation(model, m, f, settings_from_config(info.config.model, info.config.final_lam()), tuning) as tuned, torch.no_grad():
             ab, ba = tuned(m, f), tuned(f, m)
         return refine_as(tuning, ab, m, f), refine_as(tuning, ba, f, m)
 

@@ -22,7 +22,13 @@ else:  # pragma: no cover
 from .errors import UsageError
 
 __all__ = ["DataConfig", "StepConfig", "ModelConfig", "StageConfig", "TrainConfig", "Config",
-           "load_config", "config_from_dict", "apply_overrides"]
+           "load_config", "config_from_dict", "apply_overrides", "DEFAULT_LAM"]
+
+
+# λ when a config does not set model.lam, per method: the authors' own defaults or examples. ICON:
+# 2048 (its triangles example); GradICON: 1.5 (uniGradICON, with the authors' GradientICON scale);
+# diffusion: 0.01 (VoxelMorph's train script, NCC); CycleMorph: λ_R = 1 (its train options).
+DEFAULT_LAM = {"icon": 2048.0, "gradicon": 1.5, "diffusion": 0.01, "cyclemorph": 1.0}
 
 
 @dataclass
@@ -64,7 +70,7 @@ class StepConfig:
 class ModelConfig:
     method: str = "icon"  # icon, gradicon, diffusion, cyclemorph
     similarity: str = "mse"  # mse, ncc, lncc, lncc_box
-    lam: float = 256.0  # weight of the regulariser
+    lam: float = math.nan  # weight of the regulariser (λ; λ_R for CycleMorph); unset: DEFAULT_LAM[method]
     noise: float = 0.0  # icon: map noise ε in voxels (ICON §2.3)
     sigma: float = 2.0  # lncc: Gaussian window in voxels
     window: int = 9  # lncc_box: box window in voxels
@@ -72,6 +78,10 @@ class ModelConfig:
     beta: float = 0.5  # cyclemorph: weight of the identity loss
     shared: bool = False  # cyclemorph: one network for both directions instead of two
     steps: list[StepConfig] = field(default_factory=lambda: [StepConfig()])
+
+    def __post_init__(self):
+        if math.isnan(self.lam):  # TOML has no NaN-free "unset", and a NaN given is refused by _convert
+            self.lam = DEFAULT_LAM.get(self.method, math.nan)
 
 
 @dataclass
@@ -109,6 +119,16 @@ class Config:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def stage_lams(self) -> list[float]:
+        """λ of each training stage (one stage if ``train.stages`` is empty); a stage without its own
+        λ uses ``model.lam``."""
+        return [s.lam if s.lam >= 0 else self.model.lam for s in self.train.stages] or [self.model.lam]
+
+    def final_lam(self) -> float:
+        """λ of the last training stage: the weight the trained model's regulariser last had, which
+        instance optimisation keeps."""
+        return self.stage_lams()[-1]
 
 
 def _type_name(tp) -> str:

@@ -21,7 +21,7 @@ from .transforms import map_on_grid, warp
 
 DEMO_CONFIG = {
     "data": {"dataset": "triangles", "size": 64, "n_train": 2000, "val_pairs": 32},
-    "model": {"method": "gradicon", "similarity": "mse", "lam": 0.5,
+    "model": {"method": "gradicon", "similarity": "mse", "lam": 2.0,
               "steps": [{"network": "unet", "downsample": 2, "params": {"channels": [16, 32, 64]}},
                         {"network": "unet", "params": {"channels": [16, 32, 64, 128]}}]},
     "train": {"steps": 400, "batch_size": 32, "lr": 2e-3, "val_every": 200, "checkpoint_every": 100},

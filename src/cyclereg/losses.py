@@ -42,62 +42,75 @@ def ncc(warped: torch.Tensor, fixed: torch.Tensor, eps: float = 1e-5) -> torch.T
     return 1 - corr
 
 
-def _gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian smoothing of ``(N, C, *spatial)`` (edges replicated, 3σ support)."""
-    radius = max(1, int(math.ceil(3 * sigma)))
-    t = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
-    kernel = torch.exp(-0.5 * (t / sigma) ** 2)
-    kernel = kernel / kernel.sum()
+def separable_filter(x: torch.Tensor, kernel: torch.Tensor, padding: str = "zeros") -> torch.Tensor:
+    """``(N, C, *spatial)`` convolved with the 1D ``kernel`` (odd length) along every spatial axis in turn,
+    output the size of the input. ``padding``: ``"zeros"`` (as ``padding="same"`` convolutions, the
+    authors' LNCC and NCC) or ``"replicate"`` (edges repeated)."""
     n, c, *spatial = x.shape
-    d = len(spatial)
+    d, radius = len(spatial), kernel.numel() // 2
     out = x.reshape(n * c, 1, *spatial)
+    kernel = kernel.to(x.device, x.dtype)
     for axis in range(d):
         shape = [1, 1] + [1] * d
         shape[2 + axis] = kernel.numel()
         pad = [0, 0] * d
         pad[2 * (d - 1 - axis)] = pad[2 * (d - 1 - axis) + 1] = radius
-        out = _CONV[d](F.pad(out, pad, mode="replicate"), kernel.view(shape))
+        padded = F.pad(out, pad, mode="constant" if padding == "zeros" else padding)
+        out = _CONV[d](padded, kernel.view(shape))
     return out.reshape(n, c, *spatial)
 
 
-def lncc(warped: torch.Tensor, fixed: torch.Tensor, sigma: float = 2.0, eps: float = 1e-4) -> torch.Tensor:
-    """``1 - mean local NCC`` with a Gaussian window of ``sigma`` voxels, per item.
+def gaussian_kernel(sigma: float, radius: int) -> torch.Tensor:
+    """A normalised Gaussian of ``sigma`` voxels sampled at ``-radius..radius``."""
+    t = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    kernel = torch.exp(-0.5 * (t / sigma) ** 2)
+    return (kernel / kernel.sum()).float()
 
-    Windows that are flat in either image count as uncorrelated (as in the ICON authors' LNCC), so
-    identical images with flat regions score above 0; identical images still score lowest."""
-    blur = lambda t: _gaussian_blur(t, sigma)  # noqa: E731
+
+def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian smoothing of ``(N, C, *spatial)`` (edges replicated, 3σ support), used to
+    smooth images before they are downsampled."""
+    return separable_filter(x, gaussian_kernel(sigma, max(1, int(math.ceil(3 * sigma)))), "replicate")
+
+
+def lncc(warped: torch.Tensor, fixed: torch.Tensor, sigma: float = 2.0, eps: float = 1e-5) -> torch.Tensor:
+    """``1 - mean local NCC`` with a Gaussian window of ``sigma`` voxels, per item: the ICON authors'
+    ``LNCC`` (icon_registration): a kernel of ``4σ + 1`` taps, zero padding, and ``eps`` added to each
+    local variance. Windows that are flat in either image count as uncorrelated, so identical images
+    with flat regions score above 0; identical images still score lowest."""
+    kernel = gaussian_kernel(sigma, int(round(2 * sigma)))
+    blur = lambda t: separable_filter(t, kernel)  # noqa: E731
     mu_a, mu_b = blur(warped), blur(fixed)
-    var_a = blur(warped * warped) - mu_a * mu_a
-    var_b = blur(fixed * fixed) - mu_b * mu_b
-    cov = blur(warped * fixed) - mu_a * mu_b
-    local = cov / torch.sqrt(var_a.clamp(min=0) * var_b.clamp(min=0) + eps)
+    var_a = torch.relu(blur(warped * warped) - mu_a * mu_a) + eps
+    var_b = torch.relu(blur(fixed * fixed) - mu_b * mu_b) + eps
+    local = (blur(warped * fixed) - mu_a * mu_b) / torch.sqrt(var_a * var_b)
     return 1 - local.flatten(1).mean(1)
 
 
-def _box_mean(x: torch.Tensor, window: int) -> torch.Tensor:
-    """Mean over a cubic window of ``window`` voxels (edges replicated), 2D or 3D: one axis at a time,
-    which gives the same means as the cubic window (replication is per axis) at ``d·window`` operations
-    per voxel instead of ``window^d`` (6 times faster for a 9³ window on a 2 mm brain)."""
-    d = x.ndim - 2
-    pool = {2: F.avg_pool2d, 3: F.avg_pool3d}[d]
-    for axis in range(d):
-        kernel = [1] * d
-        kernel[axis] = window
-        pad = [0, 0] * d
-        pad[2 * (d - 1 - axis)] = pad[2 * (d - 1 - axis) + 1] = window // 2
-        x = pool(F.pad(x, pad, mode="replicate"), kernel, stride=1)
-    return x
+def box_sum(x: torch.Tensor, window: int) -> torch.Tensor:
+    """Sums over a cubic window of ``window`` voxels about each voxel, zero outside the image (as the
+    ``padding=window // 2`` convolutions of VoxelMorph and CycleMorph), one axis at a time."""
+    return separable_filter(x, torch.ones(window), "zeros")
 
 
 def lncc_box(warped: torch.Tensor, fixed: torch.Tensor, window: int = 9, eps: float = 1e-5) -> torch.Tensor:
-    """``1 - mean local NCC`` over a box window of ``window`` voxels (CycleMorph's, VoxelMorph's), per item."""
-    mean = lambda t: _box_mean(t, window)  # noqa: E731
-    mu_a, mu_b = mean(warped), mean(fixed)
-    cov = mean(warped * fixed) - mu_a * mu_b
-    var_a = mean(warped * warped) - mu_a * mu_a
-    var_b = mean(fixed * fixed) - mu_b * mu_b
-    local = cov * cov / (var_a.clamp(min=0) * var_b.clamp(min=0) + eps)
-    return 1 - local.flatten(1).mean(1)
+    """``1 - mean squared local NCC`` over a box window of ``window`` voxels, per item: VoxelMorph's
+    ``NCC`` loss (and CycleMorph's ``crossCorrelation3D``) plus 1: window sums with zero padding, and
+    ``eps`` added to the product of the windows' sums of squared deviations. The sums are taken in
+    float64: in float32 their expansion cancels to rounding noise on a background other than 0 (the
+    authors' images have a background of 0, ours of -1 in ``[-1, 1]``), and that noise, divided by a
+    small ``eps``, stops training."""
+    size = window ** (warped.ndim - 2)
+    dtype = warped.dtype
+    warped, fixed = warped.double(), fixed.double()
+    total = lambda t: box_sum(t, window)  # noqa: E731
+    sum_a, sum_b = total(warped), total(fixed)
+    mu_a, mu_b = sum_a / size, sum_b / size
+    cross = total(warped * fixed) - mu_b * sum_a - mu_a * sum_b + mu_a * mu_b * size
+    var_a = total(warped * warped) - 2 * mu_a * sum_a + mu_a * mu_a * size
+    var_b = total(fixed * fixed) - 2 * mu_b * sum_b + mu_b * mu_b * size
+    local = cross * cross / (var_a * var_b + eps)
+    return (1 - local.flatten(1).mean(1)).to(dtype)
 
 
 def random_points(n: int, shape, device=None, dtype=torch.float32, generator=None) -> torch.Tensor:
@@ -129,23 +142,22 @@ def inverse_consistency(phi_ab: Transform, phi_ba: Transform, points: torch.Tens
 
 
 def gradient_inverse_consistency(phi_ab: Transform, phi_ba: Transform, points: torch.Tensor,
-                                 delta: float = 0.05) -> torch.Tensor:
-    """GradICON: squared Frobenius norm of the Jacobian of ``Φ_AB ∘ Φ_BA − Id`` at ``points``.
-
-    Forward finite differences with a step of ``delta`` voxels along each axis; derivatives in
-    voxels per voxel. Zero for any pair of exactly inverse affine maps. Mean over points per item.
-    """
+                                 delta: float = 1e-3) -> torch.Tensor:
+    """GradICON's term, as the authors' ``GradientICON`` (icon_registration) computes it: the Jacobian
+    of the error ``Φ_AB ∘ Φ_BA − Id`` at ``points`` by forward differences of ``delta`` (domain units)
+    along each axis, in domain units; per axis the mean of its squared entries over points and
+    components, summed over axes. That is ``‖J‖²_F / d`` averaged over points. Zero for any pair of
+    exactly inverse affine maps. One value per item."""
     d = points.shape[1]
-    scale = voxel_scale(points.shape[2:], points.device, points.dtype)
     composed = phi_ab @ phi_ba
-    base = composed.displacement(points) * scale
+    base = composed.displacement(points)
     total = 0
     for k in range(d):
         offset = torch.zeros((1, d) + (1,) * d, device=points.device, dtype=points.dtype)
-        offset[0, k] = delta / scale.flatten()[k]
-        shifted = composed.displacement(points + offset) * scale
-        total = total + ((shifted - base) / delta).pow(2).sum(1)
-    return total.flatten(1).mean(1)
+        offset[0, k] = delta
+        shifted = composed.displacement(points + offset)
+        total = total + ((shifted - base) / delta).pow(2).flatten(1).mean(1)
+    return total
 
 
 def diffusion(field: torch.Tensor) -> torch.Tensor:
@@ -192,7 +204,7 @@ class InverseConsistency(nn.Module):
 
 
 class GradientInverseConsistency(nn.Module):
-    def __init__(self, delta: float = 0.05):
+    def __init__(self, delta: float = 1e-3):
         super().__init__()
         self.delta = delta
 

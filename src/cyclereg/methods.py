@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .losses import SIMILARITIES, _gaussian_blur, diffusion, gradient_inverse_consistency, inverse_consistency, ncc, random_points
+from .losses import SIMILARITIES, diffusion, gaussian_blur, gradient_inverse_consistency, inverse_consistency, lncc_box, random_points
 from .coords import identity_grid, voxel_scale
 from .networks import build_network
 from .transforms import DisplacementField, Transform, map_on_grid, warp
@@ -30,7 +30,7 @@ def downsample(images: torch.Tensor, factor: int) -> torch.Tensor:
     if factor == 1:
         return images
     size = [(n - 1) // factor + 1 for n in images.shape[2:]]
-    smooth = _gaussian_blur(images, 0.5 * factor)
+    smooth = gaussian_blur(images, 0.5 * factor)
     return F.interpolate(smooth, size=size, mode="bilinear" if images.ndim == 4 else "trilinear", align_corners=True)
 
 
@@ -150,36 +150,44 @@ def _displacement_on_grid(phi: Transform, like: torch.Tensor) -> torch.Tensor:
     return map_on_grid(phi, shape, like) - identity_grid(shape, like.device, like.dtype)
 
 
-def _icon(phi, swapped, like, settings):
-    points = random_points(like.shape[0], like.shape[2:], like.device, like.dtype)
-    return inverse_consistency(swapped, phi, points, settings.noise)
+def _icon(phi, n, fixed, settings):
+    """ICON: ``‖Φ_AB∘Φ_BA − Id‖² + ‖Φ_BA∘Φ_AB − Id‖²`` at off-grid points, each a mean over points and
+    components, as the authors' ``InverseConsistentNet``. ``phi`` holds ``Φ_AB`` in items ``0..n-1``
+    and ``Φ_BA`` in items ``n..2n-1``, so both compositions run as one batch."""
+    swapped = phi.take(torch.arange(2 * n, device=fixed.device).roll(n))
+    points = random_points(2 * n, fixed.shape[2:], fixed.device, fixed.dtype)
+    return inverse_consistency(phi, swapped, points, settings.noise).view(2, n).sum(0)
 
 
-def _gradicon(phi, swapped, like, settings):
-    points = random_points(like.shape[0], like.shape[2:], like.device, like.dtype)
-    return gradient_inverse_consistency(swapped, phi, points)
+def _gradicon(phi, n, fixed, settings):
+    """GradICON: the squared Jacobian of ``Φ_AB∘Φ_BA − Id`` at off-grid points, as the authors'
+    ``GradientICON`` (one composition; :func:`~cyclereg.losses.gradient_inverse_consistency`)."""
+    index = torch.arange(2 * n, device=fixed.device)
+    points = random_points(n, fixed.shape[2:], fixed.device, fixed.dtype)
+    return gradient_inverse_consistency(phi.take(index[:n]), phi.take(index[n:]), points)
 
 
-def _diffusion(phi, swapped, like, settings):
-    return diffusion(_displacement_on_grid(phi, like))
+def _diffusion(phi, n, fixed, settings):
+    """The diffusion baseline (VoxelMorph's ``Grad('l2')``) of ``Φ_AB``'s displacement on the grid."""
+    return diffusion(_displacement_on_grid(phi, fixed))
 
 
 def _pairwise(name: str, regulariser, symmetric: bool):
-    """The loss ``sim + λ · regulariser`` of ICON, GradICON or the diffusion baseline.
+    """The loss ``sim + λ · regulariser`` of ICON, GradICON or the diffusion baseline, with
+    ``regulariser(phi, n, fixed, settings)`` one value per pair.
 
-    Symmetric methods run A→B and B→A as one batch of ``2N`` through the network; their terms are
-    sums over both directions, averaged over the ``N`` pairs.
+    Symmetric methods run A→B and B→A as one batch of ``2n`` through the network (``phi`` holds
+    ``Φ_AB`` then ``Φ_BA``), and their similarity is the sum over both directions, as the ICON
+    authors'. Terms are means over the ``n`` pairs.
     """
 
     def loss(model, moving, fixed, settings):
+        n = moving.shape[0]
         a, b = (torch.cat([moving, fixed]), torch.cat([fixed, moving])) if symmetric else (moving, fixed)
         phi = model(a, b)
         sim = settings.similarity_fn()(warp(a, phi), b)
-        n = moving.shape[0]
-        swapped = phi.take(torch.arange(2 * n, device=a.device).roll(n)) if symmetric else None
-        reg = regulariser(phi, swapped, b, settings)
-        weight = 2.0 if symmetric else 1.0
-        terms = {"sim": weight * sim.mean(), name: weight * reg.mean()}
+        sim = sim.view(2, n).sum(0) if symmetric else sim
+        terms = {"sim": sim.mean(), name: regulariser(phi, n, fixed, settings).mean()}
         return terms["sim"] + settings.lam * terms[name], terms
 
     return loss
@@ -274,8 +282,9 @@ def _coarse_steps(model: RegistrationModel, factor: int) -> RegistrationModel:
 
 def _cyclemorph(model, moving, fixed, settings):
     """CycleMorph (Kim et al.): per direction, similarity + λ_R ‖∇D‖²; the cycle loss
-    ``α ‖(A∘Φ_AB)∘G_BA(A∘Φ_AB, B∘Φ_BA) − A‖₁``; the identity loss ``β (1 − NCC(B∘G_AB(B, B), B))``.
-    Every term sums both directions."""
+    ``α ‖(A∘Φ_AB)∘G_BA(A∘Φ_AB, B∘Φ_BA) − A‖₁``; the identity loss ``β (1 − LNCC(B∘G_AB(B, B), B))``
+    with the authors' local NCC over a box of ``window`` voxels (:func:`~cyclereg.losses.lncc_box`).
+    Every term sums both directions, as the authors' ``backward_G``."""
     g_ab, g_ba = model.g_ab, model.reverse
     sim_fn = settings.similarity_fn()
     phi_ab, phi_ba = g_ab(moving, fixed), g_ba(fixed, moving)
@@ -285,7 +294,8 @@ def _cyclemorph(model, moving, fixed, settings):
     back_a = warp(warped_a, g_ba(warped_a, warped_b))
     back_b = warp(warped_b, g_ab(warped_b, warped_a))
     cycle = (back_a - moving).abs().flatten(1).mean(1) + (back_b - fixed).abs().flatten(1).mean(1)
-    identity = ncc(warp(fixed, g_ab(fixed, fixed)), fixed) + ncc(warp(moving, g_ba(moving, moving)), moving)
+    local_ncc = lambda w, f: lncc_box(w, f, settings.window)  # noqa: E731
+    identity = local_ncc(warp(fixed, g_ab(fixed, fixed)), fixed) + local_ncc(warp(moving, g_ba(moving, moving)), moving)
     terms = {"sim": sim.mean(), "smooth": smooth.mean(), "cycle": cycle.mean(), "identity": identity.mean()}
     total = terms["sim"] + settings.lam * terms["smooth"] + settings.alpha * terms["cycle"] + settings.beta * terms["identity"]
     return total, terms

@@ -49,18 +49,20 @@ def optimize_pair(moving: torch.Tensor, fixed: torch.Tensor, settings: LossSetti
     """
     if settings.method not in METHODS:
         raise ValueError(f"unknown method {settings.method!r}")
-    torch.manual_seed(generator_seed)
     fields = PairFields(moving.shape[0], moving.shape[2:]).to(moving.device)
     optimizer = torch.optim.Adam(fields.parameters(), lr=lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
     history = []
-    for _ in tqdm(range(steps), desc="optimize", disable=not progress, dynamic_ncols=True):
-        loss, _ = loss_terms(fields, moving, fixed, settings)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        history.append(float(loss.detach()))
+    cuda = [moving.device] if moving.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):  # the sample points are seeded; the caller's generator is left as it was
+        torch.manual_seed(generator_seed)
+        for _ in tqdm(range(steps), desc="optimize", disable=not progress, dynamic_ncols=True):
+            loss, _ = loss_terms(fields, moving, fixed, settings)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            history.append(float(loss.detach()))
     n = moving.shape[0]
     field = fields.in_domain().detach()
     return DisplacementField(field[:n]), DisplacementField(field[n:]), history

@@ -123,7 +123,7 @@ def register_tensors(model, info, moving: torch.Tensor, fixed: torch.Tensor, tun
     """``Φ_AB`` for prepared inputs ``(1, 1, *spatial)`` on one model grid."""
     device = next(model.parameters()).device
     m, f = moving.to(device), fixed.to(device)
-    with instance_optimisation(model, m, f, settings_from_config(info.config.model), tuning) as tuned, torch.no_grad():
+    with instance_optimisation(model, m, f, settings_from_config(info.config.model, info.config.final_lam()), tuning) as tuned, torch.no_grad():
         phi = tuned(m, f)
     return refine_as(tuning, phi, m, f)
 

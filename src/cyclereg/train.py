@@ -56,9 +56,9 @@ def stage_schedule(cfg: Config) -> list[Stage]:
     if not cfg.train.stages:
         return [Stage(cfg.train.steps, cfg.model.lam, every, [])]
     stages, done = [], 0.0
-    for s in cfg.train.stages:
+    for s, lam in zip(cfg.train.stages, cfg.stage_lams()):
         done += s.fraction
-        stages.append(Stage(round(done * cfg.train.steps), s.lam if s.lam >= 0 else cfg.model.lam, s.train or every, s.patch))
+        stages.append(Stage(round(done * cfg.train.steps), lam, s.train or every, s.patch))
     stages[-1].end = cfg.train.steps
     return stages
 
