@@ -151,7 +151,7 @@ def test_evaluate_writes_the_summary(trained, tmp_path, capsys):
                               "--pairs", 4, "--json", out, "--device", "cpu")
     assert code == 0
     summary = json.loads(out.read_text())
-    assert set(summary) == {"n_pairs", "dice", "folds", "folds_percent", "ic_error", "seconds_per_pair"}
+    assert set(summary) == {"n_pairs", "dice", "folds", "folds_percent", "ic_error", "ic_error_unit", "seconds_per_pair"}
     assert summary["n_pairs"] == 4
     assert 0 <= summary["dice"] <= 1 and summary["folds"] >= 0 and summary["ic_error"] >= 0
     assert math.isclose(summary["folds_percent"], 100 * summary["folds"] / 15**2)

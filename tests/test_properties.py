@@ -33,7 +33,8 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from cyclereg.augment import AffineMap, exp_velocity, random_velocity
+from cyclereg.augment import AffineMap, random_velocity
+from cyclereg.transforms import exp_velocity
 from cyclereg.config import (Config, DataConfig, ModelConfig, StageConfig, StepConfig, TrainConfig, apply_overrides,
                              config_from_dict, load_config)
 from cyclereg.coords import identity_grid, voxel_scale

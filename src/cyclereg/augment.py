@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 
 from .coords import identity_grid, voxel_scale
-from .transforms import DisplacementField, Identity, Transform, sample, warp
+from .transforms import DisplacementField, Identity, Transform, exp_velocity, sample, warp
 
-__all__ = ["AffineMap", "random_affine_map", "random_velocity", "exp_velocity", "random_deformation",
+__all__ = ["AffineMap", "random_affine_map", "random_velocity", "random_deformation",
            "random_flips_permutation", "apply_flips_permutation", "random_intensity", "AugmentSettings",
            "augment_pair"]
 
@@ -85,16 +85,6 @@ def random_velocity(n: int, shape, magnitude: float, smoothness: int, generator:
     field = _upsample(coarse.to(device, dtype), shape)
     rms = field.square().sum(1).flatten(1).mean(1).sqrt().clamp(min=1e-12).view(n, *([1] * (d + 1)))
     return field * (magnitude / rms) / voxel_scale(shape, device, dtype)
-
-
-def exp_velocity(velocity: torch.Tensor, squarings: int = 7) -> DisplacementField:
-    """The map ``exp(v)`` of a stationary velocity ``(N, d, *shape)`` by scaling and squaring:
-    ``D = v / 2^K``, then ``K`` times ``D <- D + D∘(Id + D)``. ``exp_velocity(-v)`` is its inverse."""
-    grid = identity_grid(velocity.shape[2:], velocity.device, velocity.dtype)
-    field = velocity / 2**squarings
-    for _ in range(squarings):
-        field = field + sample(field, grid + field)
-    return DisplacementField(field)
 
 
 def random_deformation(n: int, shape, magnitude: float, smoothness: int, generator: torch.Generator, device=None,

@@ -77,6 +77,7 @@ class ModelConfig:
     alpha: float = 0.1  # cyclemorph: weight of the cycle loss
     beta: float = 0.5  # cyclemorph: weight of the identity loss
     shared: bool = False  # cyclemorph: one network for both directions instead of two
+    svf: bool = False  # each step's network predicts a stationary velocity field, integrated by scaling and squaring
     steps: list[StepConfig] = field(default_factory=lambda: [StepConfig()])
 
     def __post_init__(self):

@@ -18,8 +18,9 @@ def score_pairs(model, moving: torch.Tensor, fixed: torch.Tensor, batch_size: in
     """Per-pair scores of ``model`` on ``(moving[i], fixed[i])``, images ``(N, 1, *spatial)``.
 
     Returns lists: ``dice`` (of the images thresholded at 0.5, as in the ICON paper), ``folds``
-    (grid cells whose map has a negative Jacobian determinant), ``ic_error`` (mean distance in
-    voxels between ``Φ_AB ∘ Φ_BA`` and the identity) and ``seconds`` (time to compute ``Φ_AB``).
+    (grid cells where the map folds, ``det J <= 0``), ``ic_error`` (mean distance between
+    ``Φ_BA(Φ_AB(x))`` and ``x`` over the fixed grid, in voxels of 1 mm) and ``seconds`` (time to compute
+    ``Φ_AB``). The meanings are those of ``evaluate --pairs-csv`` (``docs/metrics.md``).
     ``register(moving, fixed) -> (Φ_AB, Φ_BA)`` replaces the plain model call when given
     (instance optimisation, for example).
     """
@@ -58,5 +59,6 @@ def summarise(scores: dict, shape) -> dict:
         "folds": mean(scores["folds"]),
         "folds_percent": 100.0 * mean(scores["folds"]) / cells,
         "ic_error": mean(scores["ic_error"]),
+        "ic_error_unit": "mm",
         "seconds_per_pair": mean(scores["seconds"]),
     }

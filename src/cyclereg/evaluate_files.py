@@ -24,7 +24,7 @@ from .atomic import write_text
 from .errors import CycleregError, DataError, UsageError
 from .image_io import Geometry, read_image
 from .label_metrics import folded_percent, hd95, label_volumes, log_jacobian_std
-from .metrics import dice_labels, dice_threshold
+from .metrics import dice_labels, dice_threshold, folded
 from .preprocess import model_grid, prepare
 from .register import map_physical, on_fixed_grid, read_pair, register_pair, sample_like_itk, warp_image
 from .tuning import NO_IO, InstanceOptimisation
@@ -93,7 +93,7 @@ def _score_pair(model, info, row: dict, labels, tuning: InstanceOptimisation) ->
     det = grid.det.cpu().numpy()
     out = {"fixed": row["fixed"], "moving": row["moving"], "seconds": seconds,
            "ic_error_mm": float((back - grid.fixed_physical.double()).norm(dim=1).mean()),
-           "folds": int((det <= 0).sum()), "folded_percent": folded_percent(det), "log_jacobian_std": log_jacobian_std(det)}
+           "folds": int(folded(torch.from_numpy(det)).sum()), "folded_percent": folded_percent(det), "log_jacobian_std": log_jacobian_std(det)}
     if row.get("fixed_labels") and pair.moving_labels is not None:
         fixed_labels = sitk.GetArrayFromImage(read_image(row["fixed_labels"], "fixed_labels")).astype(np.int64)
         if fixed_labels.shape != tuple(reversed(g_fixed.size)):

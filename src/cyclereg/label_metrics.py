@@ -15,6 +15,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .coords import check_spacing
+from .metrics import folded
 
 __all__ = ["hd95", "label_volumes", "log_jacobian_std", "folded_percent"]
 
@@ -96,7 +97,7 @@ def log_jacobian_std(det) -> float:
 
 
 def folded_percent(det) -> float:
-    """Percentage of voxels with ``det <= 0`` (:func:`cyclereg.metrics.count_folds` counts ``det < 0``
-    only). NaN for an empty ``det``."""
+    """Percentage of voxels with ``det <= 0``, the folds of :func:`cyclereg.metrics.folded`. NaN for an
+    empty ``det``."""
     det = np.asarray(det, dtype=np.float64)
-    return float(100.0 * np.count_nonzero(det <= 0) / det.size) if det.size else math.nan
+    return float(100.0 * np.count_nonzero(folded(det)) / det.size) if det.size else math.nan

@@ -18,7 +18,7 @@ from torch.utils.checkpoint import checkpoint
 from .losses import SIMILARITIES, diffusion, gaussian_blur, gradient_inverse_consistency, inverse_consistency, lncc_box, random_points
 from .coords import identity_grid, voxel_scale
 from .networks import build_network
-from .transforms import DisplacementField, Transform, map_on_grid, warp
+from .transforms import DisplacementField, Transform, exp_velocity, map_on_grid, warp
 
 __all__ = ["Step", "cascade", "RegistrationModel", "Passes", "CycleMorph", "coarse_view", "LossSettings", "METHODS",
            "loss_terms", "build_model", "settings_from_config", "use_channels_last", "compile_networks"]
@@ -42,13 +42,17 @@ class Step(nn.Module):
     domain units here. A convolutional network sees shifts in voxels, so it then predicts the same
     field whatever the grid's extent: on a scan with a larger field of view, or on a patch
     (:mod:`cyclereg.multiscale`). It also keeps Adam's steps on the output layer small in domain
-    units. ``units="domain"`` reads the output as domain units, as model files before format 3 did."""
+    units. ``units="domain"`` reads the output as domain units, as model files before format 3 did.
 
-    def __init__(self, network: nn.Module, factor: int = 1, units: str = "voxels"):
+    With ``svf=True`` the output is a stationary velocity field and the step's map is its exponential
+    (scaling and squaring, :func:`~cyclereg.transforms.exp_velocity`, on the grid the network sees):
+    a diffeomorphism by construction, whose inverse is the exponential of the negated output."""
+
+    def __init__(self, network: nn.Module, factor: int = 1, units: str = "voxels", svf: bool = False):
         super().__init__()
         if units not in ("voxels", "domain"):
             raise ValueError(f"Step: units must be 'voxels' or 'domain', got {units!r}")
-        self.network, self.factor, self.units = network, factor, units
+        self.network, self.factor, self.units, self.svf = network, factor, units, svf
         self.channels_last = False  # run the network in channels-last layout (see use_channels_last)
         self.checkpointing = False  # training: keep no activations, recompute them in the backward pass
 
@@ -63,6 +67,8 @@ class Step(nn.Module):
             field = self.network(pair)
         if self.units == "voxels":
             field = field / voxel_scale(pair.shape[2:], field.device, field.dtype)
+        if self.svf:
+            return exp_velocity(field.contiguous())
         return DisplacementField(field.contiguous())
 
 
@@ -271,7 +277,7 @@ def _coarse_steps(model: RegistrationModel, factor: int) -> RegistrationModel:
     for step in model.steps:
         if step.factor % factor:
             break
-        view = Step(step.network, step.factor // factor, step.units)
+        view = Step(step.network, step.factor // factor, step.units, step.svf)
         view.channels_last = step.channels_last
         views.append(view)
     if not views:
@@ -350,16 +356,17 @@ def compile_networks(model: nn.Module, shape, device=None) -> float:
     return time.perf_counter() - start
 
 
-def build_model(steps_config, dim: int, shape, method: str = "icon", shared: bool = False, units: str = "voxels"):
+def build_model(steps_config, dim: int, shape, method: str = "icon", shared: bool = False, units: str = "voxels",
+                svf: bool = False):
     """Build a model from step descriptions ``[{"network": "unet", "downsample": 1, "params": {}}]``;
-    for ``method="cyclemorph"`` two such models (one if ``shared``). ``units``: see :class:`Step`."""
+    for ``method="cyclemorph"`` two such models (one if ``shared``). ``units``, ``svf``: see :class:`Step`."""
 
     def one():
         steps = []
         for spec in steps_config:
             factor = int(spec.get("downsample", 1))
             step_shape = tuple((n - 1) // factor + 1 for n in shape) if shape is not None else None
-            steps.append(Step(build_network(spec["network"], dim, step_shape, **dict(spec.get("params", {}))), factor, units))
+            steps.append(Step(build_network(spec["network"], dim, step_shape, **dict(spec.get("params", {}))), factor, units, svf))
         return RegistrationModel(steps)
 
     if method == "cyclemorph":

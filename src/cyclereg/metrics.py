@@ -11,7 +11,7 @@ import torch
 from .coords import identity_grid, voxel_scale
 from .transforms import Transform
 
-__all__ = ["jacobian_matrix", "jacobian_determinant", "count_folds", "dice_threshold", "dice_labels", "ic_error"]
+__all__ = ["jacobian_matrix", "jacobian_determinant", "folded", "count_folds", "dice_threshold", "dice_labels", "ic_error"]
 
 
 def jacobian_matrix(points: torch.Tensor) -> torch.Tensor:
@@ -41,9 +41,15 @@ def jacobian_determinant(points: torch.Tensor) -> torch.Tensor:
     return a * (e * i - f * h) - b * (d * i - f * g) + c * (d * h - e * g)  # cofactors: much faster than linalg.det
 
 
+def folded(det: torch.Tensor) -> torch.Tensor:
+    """Where a map folds: ``det J <= 0`` (a zero determinant is not invertible either). The one
+    definition of a fold in cyclereg (``docs/metrics.md``)."""
+    return det <= 0
+
+
 def count_folds(points: torch.Tensor) -> torch.Tensor:
-    """Number of grid cells with a negative Jacobian determinant, per batch item ``(N,)``."""
-    return (jacobian_determinant(points) < 0).flatten(1).sum(1)
+    """Number of grid cells where the map folds (:func:`folded`), per batch item ``(N,)``."""
+    return folded(jacobian_determinant(points)).flatten(1).sum(1)
 
 
 def dice_threshold(a: torch.Tensor, b: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
@@ -67,7 +73,9 @@ def dice_labels(a: torch.Tensor, b: torch.Tensor, labels) -> torch.Tensor:
 
 
 def ic_error(phi_ab: Transform, phi_ba: Transform, shape, like: torch.Tensor) -> torch.Tensor:
-    """Mean distance in voxels between ``Φ_AB ∘ Φ_BA`` and the identity on the grid, per item ``(N,)``."""
+    """Mean distance in voxels between ``Φ_BA(Φ_AB(x))`` and ``x`` over the fixed grid ``x`` of
+    ``shape``, per item ``(N,)``: the inverse-consistency error of ``docs/metrics.md``, in mm for an
+    image of 1 mm voxels (``evaluate --pairs-csv`` measures it in the images' physical space)."""
     grid = identity_grid(shape, like.device, like.dtype).expand(like.shape[0], -1, *shape)
-    residual = (phi_ab @ phi_ba).displacement(grid) * voxel_scale(shape, like.device, like.dtype)
+    residual = (phi_ba @ phi_ab).displacement(grid) * voxel_scale(shape, like.device, like.dtype)
     return residual.norm(dim=1).flatten(1).mean(1)

@@ -63,7 +63,7 @@ def weights_digest(tensors: dict) -> str:
 def build_from_info(info: ModelInfo) -> RegistrationModel:
     m = info.config.model
     steps = [{"network": s.network, "downsample": s.downsample, "params": s.params} for s in m.steps]
-    return build_model(steps, info.dim, info.shape, method=m.method, shared=m.shared, units=info.field_units)
+    return build_model(steps, info.dim, info.shape, method=m.method, shared=m.shared, units=info.field_units, svf=m.svf)
 
 
 def save_model(path, model: RegistrationModel, info: ModelInfo) -> None:
@@ -158,6 +158,9 @@ def initialise_from(model, info: ModelInfo, path, init=None) -> int:
     if _networks(a) != _networks(b):
         raise UsageError(f"{where}: method {a.method}{' (shared network)' if _networks(a)[1] else ''}; "
                          f"this config trains {b.method}{' (shared network)' if _networks(b)[1] else ''}, whose networks differ")
+    if a.svf != b.svf:
+        raise UsageError(f"{where}: model.svf is {str(a.svf).lower()} there and {str(b.svf).lower()} here; "
+                         f"its networks predict {'velocities' if a.svf else 'displacements'}")
     if len(a.steps) > len(b.steps):
         raise UsageError(f"{where} has {len(a.steps)} steps; model.steps has only {len(b.steps)}")
     for k, (s_a, s_b) in enumerate(zip(a.steps, b.steps)):

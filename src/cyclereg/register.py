@@ -26,7 +26,7 @@ from .atomic import atomic_path
 from .image_io import Geometry, image_to_tensor, read_image, read_transform, write_displacement, write_image
 from .methods import LossSettings, Passes, coarse_view, downsample, loss_terms, settings_from_config
 from .label_metrics import folded_percent
-from .metrics import jacobian_determinant
+from .metrics import folded, jacobian_determinant
 from .preprocess import Preprocessing, model_grid, prepare
 from .refine import refine_as
 from .transforms import Transform, sample
@@ -199,7 +199,7 @@ def write_outputs(reg: Registration, device=None, warped=None, transform=None, j
     grid = on_fixed_grid(reg, device)
     pair, g_fixed, g_moving = reg.pair, Geometry.of(reg.pair.fixed), Geometry.of(reg.pair.moving)
     det = grid.det
-    summary = {"folds": int((det <= 0).sum()), "folded_percent": folded_percent(det.cpu().numpy()),
+    summary = {"folds": int(folded(det).sum()), "folded_percent": folded_percent(det.cpu().numpy()),
                "jacobian_min": float(det.min()), "jacobian_max": float(det.max())}
     warped_image = warp_image(pair.moving, grid.moving_domain) if warped or figure else None
     warped_lab = None

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from .coords import identity_grid, to_grid_sample
 
-__all__ = ["sample", "Transform", "Identity", "DisplacementField", "Composed", "warp", "map_on_grid"]
+__all__ = ["sample", "Transform", "Identity", "DisplacementField", "Composed", "warp", "map_on_grid", "exp_velocity"]
 
 
 def sample(values: torch.Tensor, points: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
@@ -96,6 +96,17 @@ class Composed(Transform):
 
     def take(self, index):
         return Composed(self.outer.take(index), self.inner.take(index))
+
+
+def exp_velocity(velocity: torch.Tensor, squarings: int = 7) -> DisplacementField:
+    """The map ``exp(v)`` of a stationary velocity ``(N, d, *shape)`` (domain units) by scaling and
+    squaring: ``D = v / 2^K``, then ``K`` times ``D <- D + D∘(Id + D)``. ``exp_velocity(-v)`` is its
+    inverse; each squaring composes a map with itself, so a small first step gives a diffeomorphism."""
+    grid = identity_grid(velocity.shape[2:], velocity.device, velocity.dtype)
+    field = velocity / 2**squarings
+    for _ in range(squarings):
+        field = field + sample(field, grid + field)
+    return DisplacementField(field)
 
 
 def map_on_grid(transform: Transform, shape, like: torch.Tensor) -> torch.Tensor:
