@@ -2,7 +2,7 @@
 the same synthetic held-out pairs, side by side in one run.
 
 Pairs are made from ``../shared/data/brain/subject_a`` on an evaluation grid (``--spacing`` mm): each
-image of a pair is the scan warped by its own random smooth diffeomorphism (``cyclereg.augment``, seeds
+image of a pair is the scan warped by its own random smooth diffeomorphism (``cyclereg.data.augment``, seeds
 never used in training) with random intensity changes, so the true map between them is known. Scores:
 Dice of the warped moving segmentation over ``eval_labels.txt``, error against the true field in mm
 (mean over the brain, fixed labels > 0), percentage of voxels with det J <= 0, seconds per pair.
@@ -32,16 +32,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import SHARED, append_report  # noqa: E402
 
-from cyclereg.augment import random_deformation, random_intensity  # noqa: E402
-from cyclereg.coords import identity_grid  # noqa: E402
-from cyclereg.image_io import Geometry  # noqa: E402
-from cyclereg.methods import Passes  # noqa: E402
-from cyclereg.metrics import dice_labels, jacobian_determinant  # noqa: E402
-from cyclereg.modelfile import load_model  # noqa: E402
-from cyclereg.preprocess import Preprocessing, model_grid, prepare, resample  # noqa: E402
-from cyclereg.register import Pair, on_fixed_grid, register_pair, sample_like_itk  # noqa: E402
-from cyclereg.transforms import warp  # noqa: E402
-from cyclereg.tuning import NO_IO, InstanceOptimisation  # noqa: E402
+from cyclereg.data.augment import random_deformation, random_intensity  # noqa: E402
+from cyclereg.core.coords import identity_grid  # noqa: E402
+from cyclereg.io.images import Geometry  # noqa: E402
+from cyclereg.models.methods import Passes  # noqa: E402
+from cyclereg.core.metrics import dice_labels, jacobian_determinant  # noqa: E402
+from cyclereg.models.modelfile import load_model  # noqa: E402
+from cyclereg.io.preprocess import Preprocessing, model_grid, prepare, resample  # noqa: E402
+from cyclereg.registration.register import Pair, on_fixed_grid, register_pair, sample_like_itk  # noqa: E402
+from cyclereg.core.transforms import warp  # noqa: E402
+from cyclereg.registration.tuning import NO_IO, InstanceOptimisation  # noqa: E402
 
 BRAIN = SHARED / "brain"
 
@@ -123,7 +123,7 @@ def ants_agreement(model, info, pair, folder: Path) -> float:
     ``apply_transforms`` with cyclereg's written displacement field (``.nii.gz``)."""
     import ants
 
-    from cyclereg.register import write_outputs
+    from cyclereg.registration.register import write_outputs
 
     reg = register_pair(model, info, Pair(sitk.ReadImage(str(pair["fixed"])), sitk.ReadImage(str(pair["moving"]))))
     write_outputs(reg, warped=folder / "ours.nii.gz", transform=folder / "field.nii.gz")

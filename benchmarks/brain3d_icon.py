@@ -36,12 +36,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from brain3d import BRAIN, make_pairs, run_cyclereg, run_reference, score  # noqa: E402
 from common import ROOT, append_report  # noqa: E402
 
-from cyclereg.config import load_config  # noqa: E402
-from cyclereg.data import training_data  # noqa: E402
-from cyclereg.methods import Passes  # noqa: E402
-from cyclereg.modelfile import load_model  # noqa: E402
-from cyclereg.register import Pair, Registration, model_inputs, on_fixed_grid  # noqa: E402
-from cyclereg.transforms import DisplacementField  # noqa: E402
+from cyclereg.core.config import load_config  # noqa: E402
+from cyclereg.data.datasets import training_data  # noqa: E402
+from cyclereg.models.methods import Passes  # noqa: E402
+from cyclereg.models.modelfile import load_model  # noqa: E402
+from cyclereg.registration.register import Pair, Registration, model_inputs, on_fixed_grid  # noqa: E402
+from cyclereg.core.transforms import DisplacementField  # noqa: E402
 
 CONFIG = ROOT / "configs" / "brain3d.toml"
 OVERRIDES = [f"data.root={json.dumps(str(BRAIN))}", "train.val_every=1000000"]

@@ -61,11 +61,11 @@ def train_and_score(raw_config: dict, pairs: int = 200, split_seed: int = 1):
     import tempfile
     import time
 
-    from cyclereg.config import config_from_dict
-    from cyclereg.data import dataset_images, fixed_pairs
-    from cyclereg.evaluate import score_pairs, summarise
-    from cyclereg.modelfile import load_model
-    from cyclereg.train import train
+    from cyclereg.core.config import config_from_dict
+    from cyclereg.data.datasets import dataset_images, fixed_pairs
+    from cyclereg.evaluation.scores import score_pairs, summarise
+    from cyclereg.models.modelfile import load_model
+    from cyclereg.training.train import train
 
     raw = json.loads(json.dumps(raw_config))
     raw.setdefault("train", {})["val_every"] = 10**9

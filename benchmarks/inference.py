@@ -12,14 +12,14 @@ Sections (all when none is named):
   (``VmHWM``, not ``ru_maxrss``) and its RSS before the first forward. Growth exponent: least-squares slope of
   log(time) against log(voxels). Log-log plot: ``docs/scaling.png``.
 * ``--memory``: one model file loaded once, then many pairs registered in one fresh process
-  (``cyclereg.register.register_tensors``, Φ on the grid and the warped moving image), RSS from
+  (``cyclereg.registration.register.register_tensors``, Φ on the grid and the warped moving image), RSS from
   ``/proc/self/statm`` after each pair: first, last, max, slope over the last 80 % of the pairs.
 * ``--flops``: FLOPs of one forward of the default model's networks (``FlopCounterMode``) over their
   measured time, against this machine's float32 matmul rate (``torch.mm``), the two alternating.
 * ``--icon``: cyclereg against icon_registration's 3D GradICON (the ``tallUNet2`` networks, its 3D
   multi-step recipe of ``pretrained_models/lung_ct.make_network``: 1/4, 1/2, full, full resolution),
   one direction, map on the grid, no gradients; plus single networks of matched parameter counts.
-* ``--monai``: ``cyclereg.transforms.warp`` against ``monai.networks.blocks.Warp`` on the same image
+* ``--monai``: ``cyclereg.core.transforms.warp`` against ``monai.networks.blocks.Warp`` on the same image
   and smooth displacement (checked to agree before timing).
 
 Implementations being compared alternate call by call (the starting one rotating every round), and
@@ -52,12 +52,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, append_report, machine  # noqa: E402
 
-from cyclereg.config import load_config  # noqa: E402
-from cyclereg.coords import identity_grid, voxel_scale  # noqa: E402
-from cyclereg.methods import build_model, use_channels_last  # noqa: E402
-from cyclereg.modelfile import ModelInfo, build_from_info  # noqa: E402
-from cyclereg.networks import UNet  # noqa: E402
-from cyclereg.transforms import DisplacementField, map_on_grid, sample, warp  # noqa: E402
+from cyclereg.core.config import load_config  # noqa: E402
+from cyclereg.core.coords import identity_grid, voxel_scale  # noqa: E402
+from cyclereg.models.methods import build_model, use_channels_last  # noqa: E402
+from cyclereg.models.modelfile import ModelInfo, build_from_info  # noqa: E402
+from cyclereg.models.networks import UNet  # noqa: E402
+from cyclereg.core.transforms import DisplacementField, map_on_grid, sample, warp  # noqa: E402
 
 CONFIG = ROOT / "configs" / "brain3d.toml"
 MIB = 2**20
@@ -270,7 +270,7 @@ def scaling_worker(shape, repeats: int, warmup: int) -> dict:
 
 
 def memory_worker(shape, pairs: int) -> dict:
-    from cyclereg.modelfile import load_model, save_model
+    from cyclereg.models.modelfile import load_model, save_model
 
     model, info = default_model(shape)
     with tempfile.TemporaryDirectory() as tmp:
@@ -279,11 +279,11 @@ def memory_worker(shape, pairs: int) -> dict:
         del model
         model, info = load_model(path)
     try:
-        from cyclereg.register import register_tensors
+        from cyclereg.registration.register import register_tensors
 
         def register(m, f):
             return register_tensors(model, info, m, f)
-        how = "cyclereg.register.register_tensors"
+        how = "cyclereg.registration.register.register_tensors"
     except ImportError:  # the register module is being changed; fall back to the model itself
         def register(m, f):
             with torch.inference_mode():
@@ -626,9 +626,9 @@ def section_monai(opts) -> str:
     times = alternate(fns, opts.warp_repeats)
     med = {k: statistics.median(v) for k, v in times.items()}
     lines = ["| implementation | what it does | median (s) | ratio to MONAI |", "|---|---|---|---|",
-             f"| `cyclereg.transforms.warp(image, DisplacementField(D))` | the map on the grid (D read at its own nodes), "
+             f"| `cyclereg.core.transforms.warp(image, DisplacementField(D))` | the map on the grid (D read at its own nodes), "
              f"then the image sampled (one grid_sample) | {med['warp']:.3f} | {med['warp'] / med['monai']:.2f} |",
-             f"| `cyclereg.transforms.sample(image, Id + D)` | the map on the grid given: one grid_sample | "
+             f"| `cyclereg.core.transforms.sample(image, Id + D)` | the map on the grid given: one grid_sample | "
              f"{med['sample']:.3f} | {med['sample'] / med['monai']:.2f} |",
              f"| `monai.networks.blocks.Warp` (bilinear, border) | reference grid + ddf, normalised, one grid_sample | "
              f"{med['monai']:.3f} | 1 |"]
@@ -641,8 +641,8 @@ def section_monai(opts) -> str:
 
 def section_shell(opts) -> str:
     """`cyclereg register` from the shell on a 160×192×224 pair with the default 3D model (2 mm grid)."""
-    from cyclereg.data import preprocessing
-    from cyclereg.modelfile import save_model
+    from cyclereg.data.datasets import preprocessing
+    from cyclereg.models.modelfile import save_model
 
     import SimpleITK as sitk
 

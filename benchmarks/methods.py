@@ -16,10 +16,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import SHARED, append_report, train_and_score  # noqa: E402
 
-from cyclereg.evaluate import score_pairs, summarise  # noqa: E402
-from cyclereg.methods import settings_from_config  # noqa: E402
-from cyclereg.register import instance_optimisation  # noqa: E402
-from cyclereg.tuning import InstanceOptimisation  # noqa: E402
+from cyclereg.evaluation.scores import score_pairs, summarise  # noqa: E402
+from cyclereg.models.methods import settings_from_config  # noqa: E402
+from cyclereg.registration.register import instance_optimisation  # noqa: E402
+from cyclereg.registration.tuning import InstanceOptimisation  # noqa: E402
 
 NETWORK = {"network": "unet", "params": {"channels": [16, 32, 64, 128]}}
 

@@ -21,9 +21,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import append_report, train_and_score  # noqa: E402
 
-from cyclereg.metrics import jacobian_determinant  # noqa: E402
-from cyclereg.multiscale import multiscale_register, patch_starts  # noqa: E402
-from cyclereg.transforms import map_on_grid, warp  # noqa: E402
+from cyclereg.core.metrics import jacobian_determinant  # noqa: E402
+from cyclereg.models.multiscale import multiscale_register, patch_starts  # noqa: E402
+from cyclereg.core.transforms import map_on_grid, warp  # noqa: E402
 
 NETWORK = {"network": "unet", "params": {"channels": [16, 32, 64]}}
 METHODS = {

@@ -36,8 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import reference_icon  # noqa: E402
 from common import append_report  # noqa: E402
 
-from cyclereg.data import triangles_and_circles  # noqa: E402
-from cyclereg.methods import LossSettings, RegistrationModel, Step, build_model, loss_terms, use_channels_last  # noqa: E402
+from cyclereg.data.datasets import triangles_and_circles  # noqa: E402
+from cyclereg.models.methods import LossSettings, RegistrationModel, Step, build_model, loss_terms, use_channels_last  # noqa: E402
 
 
 class _PairInput(torch.nn.Module):

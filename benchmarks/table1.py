@@ -27,13 +27,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, SHARED, append_report  # noqa: E402
 
-from cyclereg.config import load_config  # noqa: E402
-from cyclereg.data import dataset_images, fixed_pairs, random_pairs  # noqa: E402
-from cyclereg.evaluate import score_pairs, summarise  # noqa: E402
-from cyclereg.modelfile import load_model  # noqa: E402
-from cyclereg.train import train  # noqa: E402
-from cyclereg.transforms import DisplacementField  # noqa: E402
-from cyclereg.coords import identity_grid  # noqa: E402
+from cyclereg.core.config import load_config  # noqa: E402
+from cyclereg.data.datasets import dataset_images, fixed_pairs, random_pairs  # noqa: E402
+from cyclereg.evaluation.scores import score_pairs, summarise  # noqa: E402
+from cyclereg.models.modelfile import load_model  # noqa: E402
+from cyclereg.training.train import train  # noqa: E402
+from cyclereg.core.transforms import DisplacementField  # noqa: E402
+from cyclereg.core.coords import identity_grid  # noqa: E402
 
 # ICON paper, Table 1, U-Net column: λ -> (Dice, folds)
 PAPER = {

@@ -19,8 +19,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import inference as bench  # noqa: E402
 
-from cyclereg.coords import identity_grid, voxel_scale  # noqa: E402
-from cyclereg.transforms import DisplacementField, sample, warp  # noqa: E402
+from cyclereg.core.coords import identity_grid, voxel_scale  # noqa: E402
+from cyclereg.core.transforms import DisplacementField, sample, warp  # noqa: E402
 
 
 def test_parse_shape():

@@ -27,11 +27,11 @@ import torch
 
 icon = pytest.importorskip("icon_registration")
 
-from cyclereg import methods  # noqa: E402
-from cyclereg.coords import identity_grid  # noqa: E402
-from cyclereg.losses import diffusion, lncc_box  # noqa: E402
-from cyclereg.methods import LossSettings, loss_terms  # noqa: E402
-from cyclereg.transforms import DisplacementField  # noqa: E402
+from cyclereg.models import methods  # noqa: E402
+from cyclereg.core.coords import identity_grid  # noqa: E402
+from cyclereg.losses.functions import diffusion, lncc_box  # noqa: E402
+from cyclereg.models.methods import LossSettings, loss_terms  # noqa: E402
+from cyclereg.core.transforms import DisplacementField  # noqa: E402
 
 SHAPES = {2: (20, 17), 3: (12, 11, 10)}
 RTOL = 1e-4

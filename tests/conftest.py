@@ -14,7 +14,7 @@ import os
 import pytest
 import torch
 
-from cyclereg.coords import identity_grid
+from cyclereg.core.coords import identity_grid
 
 torch.set_num_threads(int(os.environ.get("CYCLEREG_TEST_THREADS", "1")))
 
@@ -122,7 +122,7 @@ def rand_points(n: int, dim: int, extra=(5, 4, 3), dtype=torch.float64, low: flo
 def random_two_step_model(dim, shape, std=0.02):
     """A two-step model in evaluation mode, the first step downsampled 2, with random weights of
     standard deviation ``std`` (``std=0``: the identity map)."""
-    from cyclereg.methods import build_model
+    from cyclereg.models.methods import build_model
 
     model = build_model([{"network": "unet", "downsample": 2, "params": {"channels": [8, 16]}},
                          {"network": "unet", "params": {"channels": [8, 16]}}], dim, shape).eval()

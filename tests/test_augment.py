@@ -8,14 +8,14 @@ import itertools
 import pytest
 import torch
 
-from cyclereg.augment import (AugmentSettings, apply_flips_permutation, augment_pair,
+from cyclereg.data.augment import (AugmentSettings, apply_flips_permutation, augment_pair,
                               random_affine_map, random_deformation, random_flips_permutation, random_intensity,
                               random_velocity)
-from cyclereg.coords import identity_grid, voxel_scale
-from cyclereg.transforms import exp_velocity
-from cyclereg.data import random_affine
-from cyclereg.metrics import jacobian_determinant
-from cyclereg.transforms import map_on_grid, warp
+from cyclereg.core.coords import identity_grid, voxel_scale
+from cyclereg.core.transforms import exp_velocity
+from cyclereg.data.datasets import random_affine
+from cyclereg.core.metrics import jacobian_determinant
+from cyclereg.core.transforms import map_on_grid, warp
 
 from conftest import smooth_image
 

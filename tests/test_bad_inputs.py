@@ -22,8 +22,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from cyclereg.cli import main
-from cyclereg.config import config_from_dict
-from cyclereg.modelfile import ModelInfo, build_from_info, save_model
+from cyclereg.core.config import config_from_dict
+from cyclereg.models.modelfile import ModelInfo, build_from_info, save_model
 
 from conftest import tiny_config_dict, write_toml
 
@@ -226,7 +226,7 @@ def _listing(folder: Path) -> list:
 
 def _fill(text: str, c: Path, out: Path) -> str:
     from cyclereg import __version__
-    from cyclereg.image_io import _memory_bytes
+    from cyclereg.io.images import _memory_bytes
 
     return text.format(c=c, out=out, version=__version__, memory=f"{_memory_bytes() / 1e9:.3g}")
 
@@ -264,7 +264,7 @@ def test_nothing_else_reaches_the_terminal(corpus, tmp_path, name):
 
 
 def test_debug_shows_the_traceback_of_a_corpus_case(corpus, tmp_path):
-    from cyclereg.errors import DataError
+    from cyclereg.core.errors import DataError
 
     with pytest.raises(DataError, match="empty file"):
         main(["--debug", *[_fill(a, corpus, tmp_path) for a in _moving("empty.nii.gz")]])

@@ -10,10 +10,10 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from cyclereg.preprocess import Preprocessing
+from cyclereg.io.preprocess import Preprocessing
 from cyclereg.cli import main
-from cyclereg.config import config_from_dict
-from cyclereg.modelfile import ModelInfo, build_from_info, load_model, save_model
+from cyclereg.core.config import config_from_dict
+from cyclereg.models.modelfile import ModelInfo, build_from_info, load_model, save_model
 
 from conftest import tiny_config_dict, write_toml
 from test_data import write_mnist
@@ -382,7 +382,7 @@ def test_register_rejects_labels_of_another_size(trained, pair_files, tmp_path, 
 
 
 def test_debug_shows_the_traceback(tmp_path):
-    from cyclereg.errors import DataError
+    from cyclereg.core.errors import DataError
 
     with pytest.raises(DataError):
         main(["--debug", "evaluate", "--model", str(tmp_path / "nope.safetensors")])
@@ -434,7 +434,7 @@ def test_evaluate_rejects_zero_pairs(trained, capsys):
 
 
 def test_resume_tolerates_a_log_line_cut_short_by_a_crash(tmp_path):
-    from cyclereg.train import _trim_log
+    from cyclereg.training.train import _trim_log
 
     log = tmp_path / "log.jsonl"
     log.write_text('{"step": 10, "loss": 1}\n{"step": 20, "loss": 0.5}\n{"step": 30, "lo')

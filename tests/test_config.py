@@ -1,11 +1,11 @@
-"""Configuration files, validation and --set overrides (cyclereg.config)."""
+"""Configuration files, validation and --set overrides (cyclereg.core.config)."""
 
 from pathlib import Path
 
 import pytest
 
-from cyclereg.config import Config, apply_overrides, config_from_dict, load_config
-from cyclereg.errors import UsageError
+from cyclereg.core.config import Config, apply_overrides, config_from_dict, load_config
+from cyclereg.core.errors import UsageError
 
 from conftest import tiny_config_dict
 

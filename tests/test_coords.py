@@ -1,4 +1,4 @@
-"""THE coordinate convention (cyclereg.coords), pinned.
+"""THE coordinate convention (cyclereg.core.coords), pinned.
 
 Maps pull back: ``warped(x) = moving(Φ(x))``. If the moving image is the original with its content
 moved by +1 voxel along tensor axis k (``moving[i] = original[i - 1]``), then
@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cyclereg.coords import identity_grid, spatial_dims, to_grid_sample, voxel_scale
-from cyclereg.transforms import DisplacementField, sample, warp
+from cyclereg.core.coords import identity_grid, spatial_dims, to_grid_sample, voxel_scale
+from cyclereg.core.transforms import DisplacementField, sample, warp
 
 from conftest import rand_points, smooth_image
 

@@ -3,13 +3,13 @@
 import pytest
 import torch
 
-from cyclereg.preprocess import Preprocessing
-from cyclereg.config import config_from_dict
-from cyclereg.data import dataset_images, fixed_pairs
-from cyclereg.evaluate import score_pairs, summarise
-from cyclereg.methods import CycleMorph, LossSettings, build_model, loss_terms
-from cyclereg.modelfile import ModelInfo, build_from_info, load_model, save_model
-from cyclereg.train import train
+from cyclereg.io.preprocess import Preprocessing
+from cyclereg.core.config import config_from_dict
+from cyclereg.data.datasets import dataset_images, fixed_pairs
+from cyclereg.evaluation.scores import score_pairs, summarise
+from cyclereg.models.methods import CycleMorph, LossSettings, build_model, loss_terms
+from cyclereg.models.modelfile import ModelInfo, build_from_info, load_model, save_model
+from cyclereg.training.train import train
 
 from conftest import smooth_image
 

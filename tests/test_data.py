@@ -1,4 +1,4 @@
-"""Data: triangles & circles, IDX/MNIST reading, random pairs (cyclereg.data)."""
+"""Data: triangles & circles, IDX/MNIST reading, random pairs (cyclereg.data.datasets)."""
 
 import gzip
 import math
@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from cyclereg.config import DataConfig
-from cyclereg.data import (MNIST_FILES, dataset_images, fixed_pairs, load_mnist, random_pairs, read_idx,
+from cyclereg.core.config import DataConfig
+from cyclereg.data.datasets import (MNIST_FILES, dataset_images, fixed_pairs, load_mnist, random_pairs, read_idx,
                            triangles_and_circles)
-from cyclereg.errors import DataError
+from cyclereg.core.errors import DataError
 
 _IDX_CODE = {np.dtype(np.uint8): 0x08, np.dtype(np.int8): 0x09, np.dtype(">i2"): 0x0B, np.dtype(">i4"): 0x0C,
              np.dtype(">f4"): 0x0D, np.dtype(">f8"): 0x0E}
@@ -235,7 +235,7 @@ def test_fixed_pairs_are_distinct_images():
 # --- augmentation ---------------------------------------------------------------------------------
 
 def test_random_affine_is_seeded_and_identity_at_zero_strength(dim):
-    from cyclereg.data import random_affine
+    from cyclereg.data.datasets import random_affine
     from conftest import smooth_image, small_shape
 
     x = smooth_image(small_shape(dim), 3, seed=4)

@@ -102,9 +102,9 @@ def test_batch_norm_unet_under_ddp_stays_close(tmp_path):
 
 
 def test_ranks_draw_disjoint_parts_of_one_global_batch():
-    from cyclereg.config import config_from_dict
-    from cyclereg.data import training_data
-    from cyclereg.loader import Loader
+    from cyclereg.core.config import config_from_dict
+    from cyclereg.data.datasets import training_data
+    from cyclereg.training.loader import Loader
 
     from conftest import tiny_config_dict
 

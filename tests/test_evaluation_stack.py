@@ -6,12 +6,12 @@ from __future__ import annotations
 import SimpleITK as sitk
 import torch
 
-from cyclereg.config import config_from_dict
-from cyclereg.evaluate import score_pairs, summarise
-from cyclereg.evaluate_files import evaluate_csv
-from cyclereg.metrics import count_folds
-from cyclereg.modelfile import ModelInfo
-from cyclereg.preprocess import Preprocessing
+from cyclereg.core.config import config_from_dict
+from cyclereg.evaluation.scores import score_pairs, summarise
+from cyclereg.evaluation.files import evaluate_csv
+from cyclereg.core.metrics import count_folds
+from cyclereg.models.modelfile import ModelInfo
+from cyclereg.io.preprocess import Preprocessing
 
 from conftest import random_two_step_model, smooth_image, tiny_config_dict
 
@@ -44,7 +44,7 @@ def test_dataset_and_files_score_the_same_pair_alike(tmp_path, dim):
 
 def test_a_collapsed_cell_is_a_fold(dim):
     """det J = 0 exactly (two neighbouring grid points mapped to one) counts as a fold."""
-    from cyclereg.coords import identity_grid
+    from cyclereg.core.coords import identity_grid
 
     shape = (6, 5) if dim == 2 else (5, 4, 3)
     points = identity_grid(shape, dtype=torch.float64).clone()

@@ -18,8 +18,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cyclereg.config import config_from_dict
-from cyclereg.errors import DataError
+from cyclereg.core.config import config_from_dict
+from cyclereg.core.errors import DataError
 
 from conftest import tiny_config_dict, write_toml
 
@@ -119,7 +119,7 @@ def test_kill_9_then_resume_ends_bit_identical(config, reference, tmp_path):
 
 
 def test_a_non_finite_loss_stops_with_step_and_term_and_keeps_the_checkpoint(tmp_path, monkeypatch):
-    from cyclereg import train as train_module
+    from cyclereg.training import train as train_module
 
     real = train_module.loss_terms
     calls = {"n": 0}

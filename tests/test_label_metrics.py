@@ -1,4 +1,4 @@
-"""Measures on label maps in mm and statistics of Jacobian determinants (cyclereg.label_metrics)."""
+"""Measures on label maps in mm and statistics of Jacobian determinants (cyclereg.core.label_metrics)."""
 
 import itertools
 import math
@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from cyclereg.coords import identity_grid
-from cyclereg.label_metrics import folded_percent, hd95, label_volumes, log_jacobian_std
-from cyclereg.metrics import jacobian_determinant
+from cyclereg.core.coords import identity_grid
+from cyclereg.core.label_metrics import folded_percent, hd95, label_volumes, log_jacobian_std
+from cyclereg.core.metrics import jacobian_determinant
 
 from conftest import small_shape, smooth_image
 

@@ -1,15 +1,15 @@
-"""Similarities and regularisers (cyclereg.losses)."""
+"""Similarities and regularisers (cyclereg.losses.functions)."""
 
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from cyclereg.coords import identity_grid, voxel_scale
-from cyclereg.losses import (LNCC, MSE, NCC, SIMILARITIES, Diffusion, GradientInverseConsistency, InverseConsistency,
+from cyclereg.core.coords import identity_grid, voxel_scale
+from cyclereg.losses.functions import (LNCC, MSE, NCC, SIMILARITIES, Diffusion, GradientInverseConsistency, InverseConsistency,
                              diffusion, gradient_inverse_consistency, inverse_consistency, lncc, lncc_box, mse, ncc,
                              random_points, box_sum)
-from cyclereg.transforms import DisplacementField, Identity
+from cyclereg.core.transforms import DisplacementField, Identity
 
 from conftest import rand_points, smooth_field, smooth_image, translation
 
@@ -137,7 +137,7 @@ def test_icon_fig3_a_pixel_swap_is_inverse_consistent_only_on_the_grid(dim, shap
                                                               generator=torch.Generator().manual_seed(1)))
     assert torch.all(off_grid > 1e-3)
     # The swap folds: it is not an innocent map that the grid evaluation happened to accept.
-    from cyclereg.metrics import count_folds
+    from cyclereg.core.metrics import count_folds
     assert torch.all(count_folds(swap(grid)) > 0)
 
 
@@ -256,7 +256,7 @@ def test_diffusion_gradcheck(gshape):
 
 
 def test_lncc_is_lowest_for_identical_images_with_a_flat_background():
-    from cyclereg.data import triangles_and_circles
+    from cyclereg.data.datasets import triangles_and_circles
 
     a = triangles_and_circles(4, size=32)
     b = a.roll(3, dims=-1)

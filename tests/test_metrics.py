@@ -1,13 +1,13 @@
-"""Measures of a registration (cyclereg.metrics)."""
+"""Measures of a registration (cyclereg.core.metrics)."""
 
 import math
 
 import pytest
 import torch
 
-from cyclereg.coords import identity_grid, voxel_scale
-from cyclereg.metrics import count_folds, dice_labels, dice_threshold, ic_error, jacobian_determinant, jacobian_matrix
-from cyclereg.transforms import DisplacementField, Identity
+from cyclereg.core.coords import identity_grid, voxel_scale
+from cyclereg.core.metrics import count_folds, dice_labels, dice_threshold, ic_error, jacobian_determinant, jacobian_matrix
+from cyclereg.core.transforms import DisplacementField, Identity
 
 from conftest import translation
 

@@ -1,4 +1,4 @@
-"""Model files: safetensors with a checked header, never unpickled (cyclereg.modelfile)."""
+"""Model files: safetensors with a checked header, never unpickled (cyclereg.models.modelfile)."""
 
 import json
 import pickle
@@ -8,10 +8,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from cyclereg.preprocess import Preprocessing
-from cyclereg.config import config_from_dict
-from cyclereg.errors import DataError, UsageError
-from cyclereg.modelfile import (FORMAT_VERSION, ModelInfo, build_from_info, initialise_from, load_model, save_model,
+from cyclereg.io.preprocess import Preprocessing
+from cyclereg.core.config import config_from_dict
+from cyclereg.core.errors import DataError, UsageError
+from cyclereg.models.modelfile import (FORMAT_VERSION, ModelInfo, build_from_info, initialise_from, load_model, save_model,
                                weights_digest)
 
 from conftest import smooth_image, tiny_config_dict
@@ -185,7 +185,7 @@ def test_non_model_files_are_refused(tmp_path, kind):
 
 
 def test_save_into_a_missing_folder_is_a_usage_error(tmp_path):
-    from cyclereg.errors import UsageError
+    from cyclereg.core.errors import UsageError
 
     model, info = _trained_like_model()
     with pytest.raises(UsageError, match="does not exist"):

@@ -4,10 +4,10 @@ import math
 
 import torch
 
-from cyclereg.methods import split_steps
-from cyclereg.metrics import count_folds
-from cyclereg.multiscale import blend_weight, multiscale_register, patch_starts, random_patches
-from cyclereg.transforms import map_on_grid
+from cyclereg.models.methods import split_steps
+from cyclereg.core.metrics import count_folds
+from cyclereg.models.multiscale import blend_weight, multiscale_register, patch_starts, random_patches
+from cyclereg.core.transforms import map_on_grid
 
 from conftest import random_two_step_model, smooth_image
 
@@ -75,9 +75,9 @@ def test_random_patches_cut_the_same_place_of_both_images(dim):
 def test_local_step_trains_on_patches_with_the_global_step_frozen(tmp_path):
     """A stage with ``patch`` trains the last step on patches; the global step keeps the weights it
     had at the end of the first stage (those of a run that stops there)."""
-    from cyclereg.config import config_from_dict
-    from cyclereg.modelfile import load_model
-    from cyclereg.train import train
+    from cyclereg.core.config import config_from_dict
+    from cyclereg.models.modelfile import load_model
+    from cyclereg.training.train import train
 
     from conftest import tiny_config_dict
 

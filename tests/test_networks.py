@@ -1,11 +1,11 @@
-"""Registration networks (cyclereg.networks)."""
+"""Registration networks (cyclereg.models.networks)."""
 
 import pytest
 import torch
 
-from cyclereg.losses import mse
-from cyclereg.networks import NETWORKS, build_network
-from cyclereg.transforms import DisplacementField, warp
+from cyclereg.losses.functions import mse
+from cyclereg.models.networks import NETWORKS, build_network
+from cyclereg.core.transforms import DisplacementField, warp
 
 from conftest import smooth_image
 

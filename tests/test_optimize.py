@@ -3,16 +3,16 @@
 import pytest
 import torch
 
-from cyclereg.coords import identity_grid
-from cyclereg.data import triangles_and_circles
-from cyclereg.errors import UsageError
-from cyclereg.losses import mse
-from cyclereg.methods import LossSettings, Passes, RegistrationModel, build_model, coarse_view, downsample, loss_terms
-from cyclereg.metrics import count_folds
-from cyclereg.optimize import optimize_pair
-from cyclereg.register import instance_optimisation
-from cyclereg.transforms import map_on_grid, warp
-from cyclereg.tuning import InstanceOptimisation
+from cyclereg.core.coords import identity_grid
+from cyclereg.data.datasets import triangles_and_circles
+from cyclereg.core.errors import UsageError
+from cyclereg.losses.functions import mse
+from cyclereg.models.methods import LossSettings, Passes, RegistrationModel, build_model, coarse_view, downsample, loss_terms
+from cyclereg.core.metrics import count_folds
+from cyclereg.registration.optimize import optimize_pair
+from cyclereg.registration.register import instance_optimisation
+from cyclereg.core.transforms import map_on_grid, warp
+from cyclereg.registration.tuning import InstanceOptimisation
 
 from conftest import random_two_step_model, smooth_image
 

@@ -9,12 +9,12 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from cyclereg.coords import identity_grid
-from cyclereg.errors import DataError
-from cyclereg.image_io import Geometry, read_image
-from cyclereg.preprocess import Preprocessing, model_grid, prepare
-from cyclereg.register import Pair, Registration, model_inputs, on_fixed_grid, warp_file, write_outputs
-from cyclereg.transforms import DisplacementField
+from cyclereg.core.coords import identity_grid
+from cyclereg.core.errors import DataError
+from cyclereg.io.images import Geometry, read_image
+from cyclereg.io.preprocess import Preprocessing, model_grid, prepare
+from cyclereg.registration.register import Pair, Registration, model_inputs, on_fixed_grid, warp_file, write_outputs
+from cyclereg.core.transforms import DisplacementField
 
 
 def _oblique(dim, angle=0.4):

@@ -33,18 +33,18 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from cyclereg.augment import AffineMap, random_velocity
-from cyclereg.transforms import exp_velocity
-from cyclereg.config import (Config, DataConfig, ModelConfig, StageConfig, StepConfig, TrainConfig, apply_overrides,
+from cyclereg.data.augment import AffineMap, random_velocity
+from cyclereg.core.transforms import exp_velocity
+from cyclereg.core.config import (Config, DataConfig, ModelConfig, StageConfig, StepConfig, TrainConfig, apply_overrides,
                              config_from_dict, load_config)
-from cyclereg.coords import identity_grid, voxel_scale
-from cyclereg.errors import UsageError
-from cyclereg.image_io import Geometry, read_image, write_image
-from cyclereg.losses import SIMILARITIES, inverse_consistency
-from cyclereg.methods import METHODS
-from cyclereg.networks import NETWORKS
-from cyclereg.preprocess import INTENSITY_MODES
-from cyclereg.transforms import DisplacementField, Identity, sample, warp
+from cyclereg.core.coords import identity_grid, voxel_scale
+from cyclereg.core.errors import UsageError
+from cyclereg.io.images import Geometry, read_image, write_image
+from cyclereg.losses.functions import SIMILARITIES, inverse_consistency
+from cyclereg.models.methods import METHODS
+from cyclereg.models.networks import NETWORKS
+from cyclereg.io.preprocess import INTENSITY_MODES
+from cyclereg.core.transforms import DisplacementField, Identity, sample, warp
 
 from conftest import smooth_field, translation
 

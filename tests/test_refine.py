@@ -1,16 +1,16 @@
-"""Field refinement (:mod:`cyclereg.refine`): the last stage of instance optimisation, on the map."""
+"""Field refinement (:mod:`cyclereg.registration.refine`): the last stage of instance optimisation, on the map."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from cyclereg.coords import identity_grid, voxel_scale
-from cyclereg.errors import UsageError
-from cyclereg.losses import lncc_box
-from cyclereg.refine import WINDOW, refine_map
-from cyclereg.transforms import DisplacementField, Identity, sample
-from cyclereg.tuning import InstanceOptimisation
+from cyclereg.core.coords import identity_grid, voxel_scale
+from cyclereg.core.errors import UsageError
+from cyclereg.losses.functions import lncc_box
+from cyclereg.registration.refine import WINDOW, refine_map
+from cyclereg.core.transforms import DisplacementField, Identity, sample
+from cyclereg.registration.tuning import InstanceOptimisation
 
 from conftest import smooth_image
 

@@ -6,10 +6,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from cyclereg.config import load_config
-from cyclereg.data import dataset_images, load_mnist
-from cyclereg.evaluate import score_pairs, summarise
-from cyclereg.methods import build_model
+from cyclereg.core.config import load_config
+from cyclereg.data.datasets import dataset_images, load_mnist
+from cyclereg.evaluation.scores import score_pairs, summarise
+from cyclereg.models.methods import build_model
 
 pytestmark = pytest.mark.shared_data
 
@@ -52,7 +52,7 @@ BRAIN = SHARED / "brain"
 
 def test_brain_recipe_prepares_the_real_scan_on_its_model_grid():
     """configs/brain3d.toml on the real scan: a 2 mm model grid of 80x96x112, intensities in [0, 1]."""
-    from cyclereg.volumes import ScanSet
+    from cyclereg.data.volumes import ScanSet
 
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "brain3d.toml", [f"data.root={_need(BRAIN)}"])
     data = ScanSet(cfg.data)
@@ -67,9 +67,9 @@ def test_real_brain_labels_survive_registration_with_their_values(tmp_path):
     is the segmentation, every label kept, in its own pixel type."""
     import SimpleITK as sitk
 
-    from cyclereg.modelfile import ModelInfo, build_from_info
-    from cyclereg.preprocess import Preprocessing
-    from cyclereg.register import register_files
+    from cyclereg.models.modelfile import ModelInfo, build_from_info
+    from cyclereg.io.preprocess import Preprocessing
+    from cyclereg.registration.register import register_files
 
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "brain3d.toml", [f"data.root={_need(BRAIN)}"])
     info = ModelInfo(cfg, (112, 96, 80), Preprocessing("percentile", spacing=(2.0, 2.0, 2.0), pad_multiple=16))

@@ -1,4 +1,4 @@
-"""Orthogonal-slice figures of a registered pair (cyclereg.slices)."""
+"""Orthogonal-slice figures of a registered pair (cyclereg.io.slices)."""
 
 import matplotlib.figure
 import matplotlib.pyplot as plt
@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from cyclereg import slices
-from cyclereg.coords import identity_grid
-from cyclereg.slices import orthogonal_slices_figure
+from cyclereg.io import slices
+from cyclereg.core.coords import identity_grid
+from cyclereg.io.slices import orthogonal_slices_figure
 
 from conftest import smooth_field, smooth_image
 

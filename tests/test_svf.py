@@ -7,14 +7,14 @@ import pytest
 import torch
 from torch import nn
 
-from cyclereg.augment import random_velocity
-from cyclereg.config import config_from_dict
-from cyclereg.errors import UsageError
-from cyclereg.methods import Step, loss_terms, settings_from_config
-from cyclereg.metrics import jacobian_determinant
-from cyclereg.modelfile import ModelInfo, build_from_info, initialise_from, load_model, save_model
-from cyclereg.preprocess import Preprocessing
-from cyclereg.transforms import DisplacementField, map_on_grid
+from cyclereg.data.augment import random_velocity
+from cyclereg.core.config import config_from_dict
+from cyclereg.core.errors import UsageError
+from cyclereg.models.methods import Step, loss_terms, settings_from_config
+from cyclereg.core.metrics import jacobian_determinant
+from cyclereg.models.modelfile import ModelInfo, build_from_info, initialise_from, load_model, save_model
+from cyclereg.io.preprocess import Preprocessing
+from cyclereg.core.transforms import DisplacementField, map_on_grid
 
 from conftest import tiny_config_dict
 

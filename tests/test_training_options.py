@@ -7,10 +7,10 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from cyclereg.config import config_from_dict
-from cyclereg.data import training_data
-from cyclereg.loader import Loader, make_batch, pair_seed
-from cyclereg.methods import LossSettings, build_model, loss_terms
+from cyclereg.core.config import config_from_dict
+from cyclereg.data.datasets import training_data
+from cyclereg.training.loader import Loader, make_batch, pair_seed
+from cyclereg.models.methods import LossSettings, build_model, loss_terms
 
 from conftest import smooth_image, tiny_config_dict
 
@@ -87,7 +87,7 @@ def test_gradient_checkpointing_gives_the_same_loss_gradients_and_running_stats(
 
 
 def test_bfloat16_and_checkpointing_train_through_the_command_line(tmp_path):
-    from cyclereg.train import train
+    from cyclereg.training.train import train
 
     raw = tiny_config_dict(train__steps=3)
     raw["train"].update(precision="bfloat16", checkpointing=True, workers=1)
@@ -105,8 +105,8 @@ def test_training_starts_from_a_model_file_and_resume_keeps_the_checkpoint(tmp_p
     """``train.init``: a one-step model starts step 0 of a two-step model; with step 0 frozen, the
     trained model's step 0 is the init model's, while step 1 trains. ``--resume`` continues from the
     checkpoint, not from the init model."""
-    from cyclereg.modelfile import load_model
-    from cyclereg.train import train
+    from cyclereg.models.modelfile import load_model
+    from cyclereg.training.train import train
 
     first = train(config_from_dict(tiny_config_dict(train__steps=3)), tmp_path / "one", progress=False, device="cpu")
     raw = tiny_config_dict(train__steps=4)
@@ -125,7 +125,7 @@ def test_training_starts_from_a_model_file_and_resume_keeps_the_checkpoint(tmp_p
 
 
 def test_learning_rate_schedule_per_stage():
-    from cyclereg.train import learning_rate, stage_schedule
+    from cyclereg.training.train import learning_rate, stage_schedule
 
     raw = tiny_config_dict()
     raw["model"]["steps"] = [{"network": "unet"}, {"network": "unet"}]

@@ -1,10 +1,10 @@
-"""Transforms as functions of points, and warping (cyclereg.transforms)."""
+"""Transforms as functions of points, and warping (cyclereg.core.transforms)."""
 
 import pytest
 import torch
 
-from cyclereg.coords import identity_grid
-from cyclereg.transforms import Composed, DisplacementField, Identity, map_on_grid, sample, warp
+from cyclereg.core.coords import identity_grid
+from cyclereg.core.transforms import Composed, DisplacementField, Identity, map_on_grid, sample, warp
 
 from conftest import rand_points, smooth_field, smooth_image, translation
 

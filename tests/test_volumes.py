@@ -8,9 +8,9 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from cyclereg.config import config_from_dict
-from cyclereg.modelfile import load_model
-from cyclereg.volumes import ScanSet
+from cyclereg.core.config import config_from_dict
+from cyclereg.models.modelfile import load_model
+from cyclereg.data.volumes import ScanSet
 
 from test_cli import assert_one_line_error, run_cli
 from test_physical import blob
@@ -63,7 +63,7 @@ def test_scan_set_prepares_scans_on_one_model_grid(scans):
 
 
 def test_folder_errors_name_the_key(tmp_path):
-    from cyclereg.errors import DataError
+    from cyclereg.core.errors import DataError
 
     with pytest.raises(DataError, match="data.pattern"):
         ScanSet(folder_config(tmp_path).data)
@@ -73,7 +73,7 @@ def test_folder_errors_name_the_key(tmp_path):
 
 @pytest.fixture(scope="module")
 def trained3d(scans, tmp_path_factory):
-    from cyclereg.train import train
+    from cyclereg.training.train import train
 
     out = tmp_path_factory.mktemp("run3d")
     train(folder_config(scans / "t1"), out, device="cpu", progress=False)

@@ -12,11 +12,11 @@ import pytest
 import torch
 from torch import nn
 
-from cyclereg.config import config_from_dict
-from cyclereg.coords import identity_grid, voxel_scale
-from cyclereg.losses import lncc_box, mse
-from cyclereg.methods import CycleMorph, LossSettings, loss_terms, settings_from_config
-from cyclereg.transforms import DisplacementField, warp
+from cyclereg.core.config import config_from_dict
+from cyclereg.core.coords import identity_grid, voxel_scale
+from cyclereg.losses.functions import lncc_box, mse
+from cyclereg.models.methods import CycleMorph, LossSettings, loss_terms, settings_from_config
+from cyclereg.core.transforms import DisplacementField, warp
 
 
 def _translation(shape, voxels, n=1) -> torch.Tensor:
@@ -234,7 +234,7 @@ def test_cyclemorph_default_lambda_is_the_authors(tmp_path):
 # --- training wiring ---------------------------------------------------------------------------------
 
 def test_training_uses_the_configured_adam_betas(tmp_path):
-    from cyclereg.train import train
+    from cyclereg.training.train import train
 
     cfg = config_from_dict({
         "data": {"dataset": "triangles", "size": 16, "n_train": 8, "val_pairs": 2},

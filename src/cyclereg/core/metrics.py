@@ -1,0 +1,81 @@
+"""Measures of a registration: Jacobian determinant, folds, Dice, inverse-consistency error.
+
+Maps are points on a grid, as in :mod:`cyclereg.coords`; derivatives are taken in voxel units so
+that the identity has Jacobian determinant 1 on any grid.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from cyclereg.core.coords import identity_grid, voxel_scale
+from cyclereg.core.transforms import Transform
+
+__all__ = ["jacobian_matrix", "jacobian_determinant", "folded", "count_folds", "dice_threshold", "dice_labels", "ic_error"]
+
+
+def jacobian_matrix(points: torch.Tensor) -> torch.Tensor:
+    """Forward-difference Jacobian of a map sampled on its grid.
+
+    ``points (N, d, *shape)`` -> ``(N, *(shape - 1), d, d)`` with entry ``[..., i, k] = ∂Φ_i/∂x_k``
+    in voxels per voxel. Forward differences (rather than central ones) see a single swapped voxel.
+    """
+    d = points.shape[1]
+    shape = points.shape[2:]
+    vox = points * voxel_scale(shape, points.device, points.dtype)
+    crop = (slice(None), slice(None)) + tuple(slice(0, n - 1) for n in shape)
+    columns = []
+    for k in range(d):
+        hi = (slice(None), slice(None)) + tuple(slice(1, n) if a == k else slice(0, n - 1) for a, n in enumerate(shape))
+        columns.append(vox[hi] - vox[crop])
+    jac = torch.stack(columns, dim=2)  # (N, d_i, d_k, *shape-1)
+    return jac.movedim(1, -1).movedim(1, -1)
+
+
+def jacobian_determinant(points: torch.Tensor) -> torch.Tensor:
+    """Determinant of :func:`jacobian_matrix`: ``(N, *(shape - 1))``; 1 for the identity."""
+    jac = jacobian_matrix(points)
+    if jac.shape[-1] == 2:
+        return jac[..., 0, 0] * jac[..., 1, 1] - jac[..., 0, 1] * jac[..., 1, 0]
+    (a, b, c), (d, e, f), (g, h, i) = [[jac[..., r, k] for k in range(3)] for r in range(3)]
+    return a * (e * i - f * h) - b * (d * i - f * g) + c * (d * h - e * g)  # cofactors: much faster than linalg.det
+
+
+def folded(det: torch.Tensor) -> torch.Tensor:
+    """Where a map folds: ``det J <= 0`` (a zero determinant is not invertible either). The one
+    definition of a fold in cyclereg (``docs/metrics.md``)."""
+    return det <= 0
+
+
+def count_folds(points: torch.Tensor) -> torch.Tensor:
+    """Number of grid cells where the map folds (:func:`folded`), per batch item ``(N,)``."""
+    return folded(jacobian_determinant(points)).flatten(1).sum(1)
+
+
+def dice_threshold(a: torch.Tensor, b: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+    """Dice of ``a > threshold`` and ``b > threshold`` per batch item (the ICON paper's measure)."""
+    ma, mb = (a > threshold).flatten(1), (b > threshold).flatten(1)
+    inter = (ma & mb).sum(1).double()
+    total = (ma.sum(1) + mb.sum(1)).double()
+    return torch.where(total > 0, 2 * inter / total.clamp(min=1), torch.ones_like(total))
+
+
+def dice_labels(a: torch.Tensor, b: torch.Tensor, labels) -> torch.Tensor:
+    """Dice per label: ``(N, len(labels))`` for integer label maps ``a``, ``b`` of equal shape.
+    A label absent from both maps scores NaN (it is left out of means)."""
+    out = []
+    for lab in labels:
+        ma, mb = (a == lab).flatten(1), (b == lab).flatten(1)
+        inter = (ma & mb).sum(1).double()
+        total = (ma.sum(1) + mb.sum(1)).double()
+        out.append(torch.where(total > 0, 2 * inter / total.clamp(min=1), torch.full_like(total, float("nan"))))
+    return torch.stack(out, 1)
+
+
+def ic_error(phi_ab: Transform, phi_ba: Transform, shape, like: torch.Tensor) -> torch.Tensor:
+    """Mean distance in voxels between ``Φ_BA(Φ_AB(x))`` and ``x`` over the fixed grid ``x`` of
+    ``shape``, per item ``(N,)``: the inverse-consistency error of ``docs/metrics.md``, in mm for an
+    image of 1 mm voxels (``evaluate --pairs-csv`` measures it in the images' physical space)."""
+    grid = identity_grid(shape, like.device, like.dtype).expand(like.shape[0], -1, *shape)
+    residual = (phi_ba @ phi_ab).displacement(grid) * voxel_scale(shape, like.device, like.dtype)
+    return residual.norm(dim=1).flatten(1).mean(1)

@@ -1,0 +1,173 @@
+"""``cyclereg evaluate --pairs-csv``: score a model on pairs of image files, in physical units.
+
+Per pair: Dice per label (warped moving labels against fixed labels, on the fixed grid) and their mean
+over the chosen labels, HD95 in mm, folds (voxels with det J <= 0) and their percentage, the standard
+deviation of log det J, the inverse-consistency error in mm (``|Φ_BA(Φ_AB(x)) - x|`` over the fixed
+voxels), seconds per registration, and the volume of every label in the fixed image and in the warped
+moving labels (mm³). Without label maps, Dice is that of the normalised images thresholded at 0.5.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from cyclereg.core.atomic import write_text
+from cyclereg.core.errors import CycleregError, DataError, UsageError
+from cyclereg.io.images import Geometry, read_image
+from cyclereg.core.label_metrics import folded_percent, hd95, label_volumes, log_jacobian_std
+from cyclereg.core.metrics import dice_labels, dice_threshold, folded
+from cyclereg.io.preprocess import model_grid, prepare
+from cyclereg.registration.register import map_physical, on_fixed_grid, read_pair, register_pair, sample_like_itk, warp_image
+from cyclereg.registration.tuning import NO_IO, InstanceOptimisation
+
+REQUIRED = ("fixed", "moving")
+
+__all__ = ["read_pairs_csv", "parse_labels", "evaluate_csv"]
+
+
+def read_pairs_csv(path) -> list[dict]:
+    """Rows of a pairs CSV; relative paths are taken from the CSV's folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"--pairs-csv {path} does not exist or is not a file")
+    try:
+        with path.open(newline="") as f:
+            reader = csv.DictReader(f)
+            missing = [c for c in REQUIRED if c not in (reader.fieldnames or [])]
+            if missing:
+                raise DataError(f"--pairs-csv {path}: missing column(s) {', '.join(missing)}; "
+                                "expected fixed, moving[, fixed_labels, moving_labels]")
+            rows = []
+            for i, row in enumerate(reader, start=2):
+                if not row.get("fixed") or not row.get("moving"):
+                    raise DataError(f"--pairs-csv {path}, line {i}: empty fixed or moving path")
+                row = {k: (str(path.parent / v) if v else "") for k, v in row.items() if k}
+                for column in ("fixed", "moving", "fixed_labels", "moving_labels"):  # fail before any work
+                    if row.get(column) and not Path(row[column]).exists():
+                        raise DataError(f"--pairs-csv {path}, line {i}: {column} {row[column]} does not exist")
+                rows.append(row)
+    except (UnicodeDecodeError, csv.Error) as err:
+        raise DataError(f"--pairs-csv {path} is not a readable CSV file ({err})") from None
+    if not rows:
+        raise DataError(f"--pairs-csv {path} lists no pairs")
+    return rows
+
+
+def parse_labels(text: str | None) -> list[int] | None:
+    """``--labels``: a file with one label per line (like ``eval_labels.txt``) or a comma-separated list."""
+    if not text:
+        return None
+    source = Path(text).read_text() if Path(text).is_file() else text.replace(",", " ")
+    try:
+        labels = [int(v) for v in source.split()]
+    except ValueError:
+        raise UsageError(f"--labels {text}: expected a file of integer labels or a list like 2,3,4") from None
+    if not labels:
+        raise UsageError(f"--labels {text}: no labels")
+    return labels
+
+
+def _score_pair(model, info, row: dict, labels, tuning: InstanceOptimisation) -> dict:
+    device = next(model.parameters()).device
+    pair = read_pair(row["fixed"], row["moving"], row.get("moving_labels") or None, dim=info.dim,
+                     names=("fixed", "moving", "moving_labels"))
+    t0 = time.perf_counter()
+    reg = register_pair(model, info, pair, tuning)
+    grid = on_fixed_grid(reg, device)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    reverse = register_pair(model, info, pair.reversed(), tuning)
+    back = map_physical(reverse, grid.moving_physical.double())
+    g_fixed, g_moving = Geometry.of(pair.fixed), Geometry.of(pair.moving)
+    spacing = tuple(reversed(g_fixed.spacing))
+    det = grid.det.cpu().numpy()
+    out = {"fixed": row["fixed"], "moving": row["moving"], "seconds": seconds,
+           "ic_error_mm": float((back - grid.fixed_physical.double()).norm(dim=1).mean()),
+           "folds": int(folded(torch.from_numpy(det)).sum()), "folded_percent": folded_percent(det), "log_jacobian_std": log_jacobian_std(det)}
+    if row.get("fixed_labels") and pair.moving_labels is not None:
+        fixed_labels = sitk.GetArrayFromImage(read_image(row["fixed_labels"], "fixed_labels")).astype(np.int64)
+        if fixed_labels.shape != tuple(reversed(g_fixed.size)):
+            raise DataError(f"fixed_labels {row['fixed_labels']} does not have the fixed image's size")
+        warped = warp_image(pair.moving_labels, grid.moving_domain, nearest=True)
+        warped = warped.round().long().cpu().numpy()
+        chosen = labels or sorted(int(v) for v in np.unique(fixed_labels) if v != 0)
+        dice = dice_labels(torch.from_numpy(warped)[None], torch.from_numpy(fixed_labels)[None], chosen)[0].numpy()
+        dist = hd95(warped, fixed_labels, chosen, spacing)
+        vol_fixed, vol_warped = label_volumes(fixed_labels, chosen, spacing), label_volumes(warped, chosen, spacing)
+        out.update(dice=float(np.nanmean(dice)), hd95=float(np.nanmean(dist[np.isfinite(dist)])) if np.isfinite(dist).any() else math.nan)
+        for k, lab in enumerate(chosen):
+            out.update({f"dice_{lab}": float(dice[k]), f"hd95_{lab}": float(dist[k]),
+                        f"volume_fixed_{lab}": float(vol_fixed[k]), f"volume_warped_{lab}": float(vol_warped[k])})
+    else:
+        moving = sample_like_itk(_normalised(pair.moving, info), grid.moving_domain, g_moving)
+        fixed = _normalised(pair.fixed, info)
+        out["dice"] = float(dice_threshold(moving, fixed)[0])
+    return out
+
+
+def _normalised(image, info) -> torch.Tensor:
+    """An image with the model's intensity normalisation, on its own grid."""
+    prep = replace(info.preprocess, spacing=(), pad_multiple=1)
+    return prepare(image, model_grid(image, prep), prep)
+
+
+def evaluate_csv(model, info, csv_path, tuning: InstanceOptimisation = NO_IO, labels=None, per_pair=None,
+                 progress: bool = True, ctx=None) -> dict | None:
+    """Score every pair of ``csv_path``; write the per-pair table to ``per_pair`` (CSV) if given and
+    return the summary (means over pairs).
+
+    With a :class:`~cyclereg.distributed.Context` of several processes (``torchrun``), each scores
+    rows ``rank, rank + world, ...``; rank 0 gathers them, writes and returns the summary, the
+    others return None. An error on any rank stops every rank with that error."""
+    from tqdm import tqdm
+
+    from cyclereg.core.distributed import Context
+
+    ctx = ctx or Context()
+    rows = read_pairs_csv(csv_path)
+    mine = range(ctx.rank, len(rows), ctx.world)
+    scored, failure = [], None
+    for i in tqdm(mine, desc="evaluate", disable=not (progress and ctx.main), dynamic_ncols=True):
+        try:
+            scored.append((i, _score_pair(model, info, rows[i], labels, tuning)))
+        except CycleregError as err:
+            failure = (i, type(err), f"--pairs-csv {csv_path}, line {i + 2}: {err}")
+            break
+    gathered = ctx.gather((scored, failure))
+    failures = sorted(f for _, f in gathered if f is not None)
+    if failures:
+        _, kind, message = failures[0]
+        raise kind(message)
+    if not ctx.main:
+        return None
+    results = [r for _, r in sorted(item for part, _ in gathered for item in part)]
+    if per_pair:
+        columns = list(dict.fromkeys(k for r in results for k in r))
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, columns)
+        writer.writeheader()
+        writer.writerows(results)
+        write_text(per_pair, buffer.getvalue())
+
+    def mean(key):
+        values = [r[key] for r in results if key in r and np.isfinite(r[key])]
+        return float(np.mean(values)) if values else math.nan
+
+    summary = {"n_pairs": len(results), "dice": mean("dice"), "folds": mean("folds"),
+               "folds_percent": mean("folded_percent"), "ic_error": mean("ic_error_mm"), "ic_error_unit": "mm",
+               "seconds_per_pair": mean("seconds"), "log_jacobian_std": mean("log_jacobian_std")}
+    if any("hd95" in r for r in results):
+        summary["hd95"] = mean("hd95")
+        label_keys = [k for k in results[0] if k.startswith("dice_")]
+        summary["dice_per_label"] = {k[5:]: mean(k) for k in label_keys}
+    return summary

@@ -1,0 +1,303 @@
+"""Registering one pair: files in, a map in physical space, files out on the fixed image's grid.
+
+Both images are resampled onto the fixed image's model grid (:mod:`cyclereg.preprocess`); the model's
+map ``Φ`` lives on that grid's ``[0, 1]`` domain (:mod:`cyclereg.coords`). To carry it back, every
+voxel ``x`` of the fixed image is taken to physical space, into the model grid's domain, through
+``Φ``, and back to a physical point ``y``: ``y - x`` is the ITK displacement field (fixed point plus
+displacement = moving point), and the moving image is sampled at ``y`` with ITK's rules (linear or
+nearest, inside the buffer up to half a voxel beyond the edge centres, 0 outside), so SimpleITK's
+resampler and ANTs give the same warped image from the written transform.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+
+import SimpleITK as sitk
+import torch
+import torch.nn.functional as F
+
+from cyclereg.core.coords import identity_grid
+from cyclereg.core.errors import CycleregError, DataError, UsageError
+from cyclereg.core.atomic import atomic_path
+from cyclereg.io.images import Geometry, image_to_tensor, read_image, read_transform, write_displacement, write_image
+from cyclereg.models.methods import LossSettings, Passes, coarse_view, downsample, loss_terms, settings_from_config
+from cyclereg.core.label_metrics import folded_percent
+from cyclereg.core.metrics import folded, jacobian_determinant
+from cyclereg.io.preprocess import Preprocessing, model_grid, prepare
+from cyclereg.registration.refine import refine_as
+from cyclereg.core.transforms import Transform, sample
+from cyclereg.registration.tuning import NO_IO, InstanceOptimisation
+
+__all__ = ["Pair", "read_pair", "Registration", "model_inputs", "instance_optimisation",
+           "register_tensors", "register_pair", "map_physical", "on_fixed_grid", "sample_like_itk", "warp_image", "write_outputs",
+           "register_files", "register_csv", "warp_file"]
+
+
+@dataclass
+class Pair:
+    """A fixed and a moving image (SimpleITK), with the moving image's optional label map."""
+
+    fixed: sitk.Image
+    moving: sitk.Image
+    moving_labels: sitk.Image | None = None
+    fixed_name: str = "--fixed"  # how errors name the images: the option and the file
+    moving_name: str = "--moving"
+
+    def reversed(self) -> "Pair":
+        return Pair(self.moving, self.fixed, fixed_name=self.moving_name, moving_name=self.fixed_name)
+
+
+def read_pair(fixed, moving, moving_labels=None, dim: int | None = None, names=("--fixed", "--moving", "--moving-labels")) -> Pair:
+    """Read and check a pair of image files (and the moving image's labels). ``dim`` is the model's
+    dimension; ``names`` are the options (or CSV columns) that errors name beside the files."""
+    fixed_img, moving_img = read_image(fixed, names[0]), read_image(moving, names[1])
+    labels_img = read_image(moving_labels, names[2]) if moving_labels else None
+    expected = dim or fixed_img.GetDimension()
+    for role, path, img in zip(names, (fixed, moving, moving_labels), (fixed_img, moving_img, labels_img)):
+        if img is not None and img.GetDimension() != expected:
+            against = f"the model registers {dim}D images" if dim else f"{names[0]} is {expected}D"
+            raise DataError(f"{role} {path} is {img.GetDimension()}D but {against}")
+    if labels_img is not None:
+        if labels_img.GetSize() != moving_img.GetSize():
+            raise DataError(f"{names[2]} {moving_labels} has size {labels_img.GetSize()}, "
+                            f"the moving image {moving_img.GetSize()}")
+        labels = sitk.GetArrayViewFromImage(labels_img)
+        if labels.dtype.kind == "f" and not (labels == labels.round()).all():
+            raise DataError(f"{names[2]} {moving_labels} holds non-integer values; expected a label map")
+    return Pair(fixed_img, moving_img, labels_img, f"{names[0]} {fixed}", f"{names[1]} {moving}")
+
+
+def model_inputs(pair: Pair, prep: Preprocessing, size=None) -> tuple[Geometry, torch.Tensor, torch.Tensor]:
+    """The fixed image's model grid and both images prepared on it: ``(grid, moving, fixed)``."""
+    grid = model_grid(pair.fixed, prep, size)
+    g_moving = Geometry.of(pair.moving)
+    inside = g_moving.inside(g_moving.from_physical(grid.to_physical(identity_grid(tuple(reversed(grid.size)), dtype=torch.float64))))
+    if not inside.any():
+        raise DataError(f"{pair.moving_name} and {pair.fixed_name} do not overlap in physical space "
+                        "(origin, spacing, direction); align them affinely first")
+    return grid, prepare(pair.moving, grid, prep, pair.moving_name), prepare(pair.fixed, grid, prep, pair.fixed_name)
+
+
+@contextlib.contextmanager
+def instance_optimisation(model, moving, fixed, settings: LossSettings, tuning: InstanceOptimisation):
+    """Fine-tune ``model`` on one pair as ``tuning`` says (batch norm in evaluation mode), yield it, then
+    restore the original weights whatever happens. A model run in :class:`~cyclereg.methods.Passes`
+    is fine-tuned as trained: one pass."""
+    trained = model.model if isinstance(model, Passes) else model
+    if tuning.steps and tuning.downsample > 1:
+        try:
+            trained = coarse_view(trained, tuning.downsample)
+        except ValueError:
+            raise UsageError(f"--io-downsample {tuning.downsample}: the model's first step is not downsampled by a "
+                             f"multiple of {tuning.downsample}, so no step can be tuned on the downsampled pair") from None
+        moving, fixed = downsample(moving, tuning.downsample), downsample(fixed, tuning.downsample)
+    saved = copy.deepcopy(model.state_dict())
+    try:
+        if tuning.steps > 0:
+            model.eval()
+            trained.eval()
+            params = list(trained.parameters())
+            flags = [p.requires_grad for p in params]
+            for p in params:
+                p.requires_grad_(True)
+            optimizer = torch.optim.Adam(params, lr=tuning.lr)
+            with torch.enable_grad():
+                for _ in range(tuning.steps):
+                    loss, _ = loss_terms(trained, moving, fixed, settings)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+            for p, flag in zip(params, flags):
+                p.requires_grad_(flag)
+        yield model
+    finally:
+        model.load_state_dict(saved)
+        model.eval()
+
+
+def register_tensors(model, info, moving: torch.Tensor, fixed: torch.Tensor, tuning: InstanceOptimisation = NO_IO) -> Transform:
+    """``Φ_AB`` for prepared inputs ``(1, 1, *spatial)`` on one model grid."""
+    device = next(model.parameters()).device
+    m, f = moving.to(device), fixed.to(device)
+    with instance_optimisation(model, m, f, settings_from_config(info.config.model, info.config.final_lam()), tuning) as tuned, torch.no_grad():
+        phi = tuned(m, f)
+    return refine_as(tuning, phi, m, f)
+
+
+@dataclass
+class Registration:
+    """A pair, the model grid it was registered on, and the map ``Φ`` on that grid's domain."""
+
+    pair: Pair
+    grid: Geometry
+    phi: Transform
+
+
+def register_pair(model, info, pair: Pair, tuning: InstanceOptimisation = NO_IO) -> Registration:
+    fixed_shape = any(s.network == "mlp" for s in info.config.model.steps)
+    grid, m, f = model_inputs(pair, info.preprocess, tuple(reversed(info.shape)) if fixed_shape else None)
+    return Registration(pair, grid, register_tensors(model, info, m, f, tuning))
+
+
+@dataclass
+class OnFixedGrid:
+    """A registration evaluated at the fixed image's voxels (tensors ``(1, d, *fixed shape)``)."""
+
+    fixed_physical: torch.Tensor  # x: the voxels' physical points
+    moving_physical: torch.Tensor  # y: the physical points they map to
+    moving_domain: torch.Tensor  # y in the moving image's [0, 1] domain
+    det: torch.Tensor  # (1, *(shape - 1)) Jacobian determinant of x -> y (physical volume change)
+
+    @property
+    def displacement(self) -> torch.Tensor:
+        return self.moving_physical - self.fixed_physical
+
+
+@torch.no_grad()
+def map_physical(reg: Registration, points: torch.Tensor) -> torch.Tensor:
+    """The registration's map on physical points ``(1, d, *S)`` (float64): fixed space -> moving space."""
+    u = reg.grid.from_physical(points.double())
+    return reg.grid.to_physical(reg.phi(u.float()).double())
+
+
+@torch.no_grad()
+def on_fixed_grid(reg: Registration, device=None) -> OnFixedGrid:
+    """The map at every voxel of the fixed image. Each change of frame is one affine map applied
+    in float32 (:meth:`Geometry.points_to`): fixed voxels into the model grid's domain, through Φ,
+    then to physical space, to the moving image's domain and to the fixed image's own frame."""
+    g_fixed, g_moving = Geometry.of(reg.pair.fixed), Geometry.of(reg.pair.moving)
+    fixed_domain = identity_grid(tuple(reversed(g_fixed.size)), device, torch.float32)
+    v = reg.phi(g_fixed.points_to(fixed_domain, reg.grid).to(device))  # the model grid's domain, moving side
+    # The Jacobian in the fixed image's own frame: a reflection between two images' index orders
+    # is a property of their grids, not a fold.
+    det = jacobian_determinant(reg.grid.points_to(v, g_fixed))
+    return OnFixedGrid(g_fixed.points_to(fixed_domain, None), reg.grid.points_to(v, None),
+                       reg.grid.points_to(v, g_moving), det)
+
+
+def sample_like_itk(image: torch.Tensor, points: torch.Tensor, geometry: Geometry, nearest: bool = False) -> torch.Tensor:
+    """``image (1, 1, *shape)`` at domain ``points`` with ITK's resampling rules (0 outside)."""
+    values = sample(image, points.to(image.dtype), mode="nearest" if nearest else "bilinear")
+    return values * geometry.inside(points)
+
+
+def warp_image(image: sitk.Image, points: torch.Tensor, nearest: bool = False) -> torch.Tensor:
+    """``image`` at its domain ``points (1, d, *S)`` with ITK's rules: a tensor ``S`` (float64 when
+    ``nearest``, so that label values stay exact)."""
+    dtype = torch.float64 if nearest else torch.float32
+    values = image_to_tensor(image).to(points.device, dtype)
+    return sample_like_itk(values, points.to(dtype), Geometry.of(image), nearest)[0, 0]
+
+
+def write_outputs(reg: Registration, device=None, warped=None, transform=None, jacobian=None, warped_labels=None,
+                  figure=None) -> dict:
+    """Write the requested outputs of a registration on the fixed image's grid. Returns a summary."""
+    grid = on_fixed_grid(reg, device)
+    pair, g_fixed, g_moving = reg.pair, Geometry.of(reg.pair.fixed), Geometry.of(reg.pair.moving)
+    det = grid.det
+    summary = {"folds": int(folded(det).sum()), "folded_percent": folded_percent(det.cpu().numpy()),
+               "jacobian_min": float(det.min()), "jacobian_max": float(det.max())}
+    warped_image = warp_image(pair.moving, grid.moving_domain) if warped or figure else None
+    warped_lab = None
+    if pair.moving_labels is not None and (warped_labels or figure):
+        warped_lab = warp_image(pair.moving_labels, grid.moving_domain, nearest=True)
+    if warped:
+        write_image(warped, warped_image, pair.fixed, pair.moving.GetPixelID())
+    if warped_labels:
+        if warped_lab is None:
+            raise UsageError("--warped-labels needs --moving-labels")
+        write_image(warped_labels, warped_lab, pair.fixed, pair.moving_labels.GetPixelID())
+    if figure:
+        from cyclereg.io.slices import orthogonal_slices_figure
+
+        before = warp_image(pair.moving, g_moving.from_physical(grid.fixed_physical.double()))
+        fixed = image_to_tensor(pair.fixed)[0, 0]
+        orthogonal_slices_figure(figure, fixed.numpy(), before.cpu().numpy(), warped_image.cpu().numpy(),
+                                 points=g_fixed.from_physical(grid.moving_physical.double())[0].cpu().numpy(),
+                                 warped_labels=None if warped_lab is None else warped_lab.cpu().numpy(),
+                                 spacing=tuple(reversed(g_fixed.spacing)),
+                                 title=f"folds {summary['folds']}, det J in [{summary['jacobian_min']:.2f}, {summary['jacobian_max']:.2f}]")
+    if jacobian:
+        padded = F.pad(det[:, None], [0, 1] * (det.ndim - 1), mode="replicate")[0, 0]
+        write_image(jacobian, padded, pair.fixed, None)
+    if transform:
+        write_displacement(transform, grid.displacement[0], pair.fixed)
+    return summary
+
+
+def register_files(model, info, fixed, moving, warped=None, transform=None, jacobian=None,
+                   moving_labels=None, warped_labels=None, tuning: InstanceOptimisation = NO_IO, figure=None) -> dict:
+    """Register the files ``moving`` to ``fixed`` with a trained model and write the requested
+    outputs in the fixed image's space. Returns a summary (folds, Jacobian range)."""
+    if (moving_labels is None) != (warped_labels is None):
+        raise UsageError("--moving-labels and --warped-labels go together")
+    pair = read_pair(fixed, moving, moving_labels, dim=info.dim)
+    reg = register_pair(model, info, pair, tuning)
+    return write_outputs(reg, next(model.parameters()).device, warped=warped, transform=transform,
+                         jacobian=jacobian, warped_labels=warped_labels, figure=figure)
+
+
+OUTPUT_NAMES = {"warped": "warped.nii.gz", "transform": "transform.h5", "jacobian": "jacobian.nii.gz",
+                "figure": "figure.png"}
+
+
+def register_csv(model, info, csv_path, out_dir, outputs=("warped", "transform"), tuning: InstanceOptimisation = NO_IO,
+                 rank: int = 0, world: int = 1, progress: bool = True):
+    """Register every pair of a CSV (columns ``fixed``, ``moving``, optional ``moving_labels`` and
+    ``name``) with one loaded model, streaming: pair after pair, nothing kept between pairs. Outputs
+    go to ``out_dir/NAME_warped.nii.gz`` and so on (``NAME``: the ``name`` column, or the moving and
+    fixed file names). With ``world`` processes, this one takes rows ``rank, rank + world, ...``.
+    Yields one summary per pair registered here."""
+    from tqdm import tqdm
+
+    from cyclereg.evaluation.files import read_pairs_csv
+
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        raise UsageError(f"--out-dir {out_dir} is not a folder")
+    unknown = sorted(set(outputs) - set(OUTPUT_NAMES))
+    if unknown or not outputs:
+        raise UsageError(f"--outputs: expected some of {', '.join(OUTPUT_NAMES)}, got {','.join(outputs) or 'nothing'}")
+    rows = read_pairs_csv(csv_path)
+    names = [row.get("name") and Path(row["name"]).name or
+             f"{_stem(row['moving'])}_to_{_stem(row['fixed'])}" for row in rows]
+    seen = {}
+    for line, name in enumerate(names, start=2):
+        if name in seen:
+            raise DataError(f"--pairs-csv {csv_path}, line {line}: output name {name!r} is also that of line "
+                            f"{seen[name]}; add a column 'name'")
+        seen[name] = line
+    mine = list(range(rank, len(rows), world))
+    for i in tqdm(mine, desc="register", disable=not progress, dynamic_ncols=True):
+        row, name = rows[i], names[i]
+        labels = row.get("moving_labels") or None
+        files = {k: out_dir / f"{name}_{OUTPUT_NAMES[k]}" for k in outputs}
+        try:
+            summary = register_files(model, info, row["fixed"], row["moving"], moving_labels=labels,
+                                     warped_labels=out_dir / f"{name}_warped_labels.nii.gz" if labels else None,
+                                     tuning=tuning, **{k: str(v) for k, v in files.items()})
+        except CycleregError as err:
+            raise type(err)(f"--pairs-csv {csv_path}, line {i + 2}: {err}") from None
+        yield {"name": name, "fixed": row["fixed"], "moving": row["moving"], **summary}
+
+
+def _stem(path) -> str:
+    return Path(path).name.split(".")[0]
+
+
+def warp_file(transform, moving, fixed, out, nearest: bool = False) -> None:
+    """Apply a saved transform (``cyclereg register --transform``) to ``moving`` on ``fixed``'s grid,
+    with SimpleITK's resampler (linear, or nearest for label maps; 0 outside), keeping the pixel type."""
+    tx = read_transform(transform)
+    moving_img, fixed_img = read_image(moving, "--moving"), read_image(fixed, "--fixed")
+    for role, path, img in (("--moving", moving, moving_img), ("--fixed", fixed, fixed_img)):
+        if img.GetDimension() != tx.GetDimension():
+            raise DataError(f"{role} {path} is {img.GetDimension()}D but --transform {transform} is {tx.GetDimension()}D")
+    result = sitk.Resample(moving_img, fixed_img, tx, sitk.sitkNearestNeighbor if nearest else sitk.sitkLinear,
+                           0.0, moving_img.GetPixelID())
+    with atomic_path(out) as tmp:
+        sitk.WriteImage(result, str(tmp))

@@ -1,0 +1,54 @@
+"""How a model is tuned to the one pair it registers (instance optimisation): the settings only, light
+to import (the command line builds its options from them). The work is done in
+:func:`cyclereg.register.instance_optimisation` (the weights) and :mod:`cyclereg.refine` (the map)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cyclereg.core.errors import UsageError
+
+__all__ = ["InstanceOptimisation", "NO_IO"]
+
+
+@dataclass(frozen=True)
+class InstanceOptimisation:
+    """Instance optimisation (ICON, GradICON): fine-tune the trained model on the one pair it
+    registers, ``steps`` Adam steps of rate ``lr`` on its training loss.
+
+    ``downsample`` > 1 tunes only the model's leading steps downsampled by a multiple of it, on the
+    pair downsampled by it (:func:`~cyclereg.methods.coarse_view`); the finer steps run as trained.
+    A step then costs about ``downsample^-d`` of one on the model grid: on the brain recipe's 2 mm
+    model (``configs/brain3d_fine.toml``), a step of the whole model took 10.5 s on this project's
+    2-core CPU, a step with ``downsample = 2`` 1.1 s.
+
+    ``field_steps`` > 0 then refines the map itself (:func:`~cyclereg.refine.refine_map`): a smooth
+    residual field on a grid ``field_downsample`` times coarser than the model grid, Adam's step
+    ``field_lr`` in voxels, diffusion weight ``field_weight``."""
+
+    steps: int = 0
+    lr: float = 2e-4
+    downsample: int = 1
+    field_steps: int = 0
+    field_lr: float = 0.1
+    field_weight: float = 3.0
+    field_downsample: int = 4
+
+    def __post_init__(self):
+        if self.steps < 0:
+            raise UsageError(f"--io-steps: expected a number of steps >= 0, got {self.steps}")
+        if not self.lr > 0:
+            raise UsageError(f"--io-lr: expected a learning rate > 0, got {self.lr}")
+        if self.downsample not in (1, 2, 4):
+            raise UsageError(f"--io-downsample: expected 1, 2 or 4, got {self.downsample}")
+        if self.field_steps < 0:
+            raise UsageError(f"--io-field-steps: expected a number of steps >= 0, got {self.field_steps}")
+        if not self.field_lr > 0:
+            raise UsageError(f"--io-field-lr: expected a step in voxels > 0, got {self.field_lr}")
+        if not self.field_weight >= 0:
+            raise UsageError(f"--io-field-weight: expected a weight >= 0, got {self.field_weight}")
+        if self.field_downsample < 1:
+            raise UsageError(f"--io-field-downsample: expected a factor >= 1, got {self.field_downsample}")
+
+
+NO_IO = InstanceOptimisation()

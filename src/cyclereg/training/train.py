@@ -1,0 +1,309 @@
+"""The training loop: read top to bottom.
+
+A run writes into its output folder:
+
+- ``checkpoint.pt``: model, optimiser, step, config and random states, written atomically every
+  ``train.checkpoint_every`` steps and when SIGINT or SIGTERM asks the run to stop. ``--resume``
+  after a stop or a crash (even ``kill -9``) ends with the weights of an uninterrupted run, bit for
+  bit on CPU.
+- ``log.jsonl``: loss terms and validation scores.
+- ``model.safetensors`` at the end (:mod:`cyclereg.modelfile`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pickle
+import signal
+import threading
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from cyclereg.core import distributed
+from cyclereg.core.atomic import atomic_path
+from cyclereg.core.config import Config
+from cyclereg.data.datasets import training_data
+from cyclereg.core.distributed import Context
+from cyclereg.training.loader import Loader
+from cyclereg.core.errors import DataError, Interrupted, UsageError
+from cyclereg.evaluation.scores import score_pairs, summarise
+from cyclereg.models.methods import loss_terms, settings_from_config, split_steps, use_channels_last
+from cyclereg.models.multiscale import random_patches
+from cyclereg.models.modelfile import ModelInfo, build_from_info, initialise_from, read_init, save_model
+
+__all__ = ["train", "stage_schedule", "learning_rate"]
+
+
+@dataclass
+class Stage:
+    end: int  # first step after this stage
+    lam: float
+    trainable: list
+    patch: list  # empty: whole images; else the trained (local) steps see random patches
+
+
+def stage_schedule(cfg: Config) -> list[Stage]:
+    """Stages as step ranges; without ``train.stages``, one stage training every model step."""
+    every = list(range(len(cfg.model.steps)))
+    if not cfg.train.stages:
+        return [Stage(cfg.train.steps, cfg.model.lam, every, [])]
+    stages, done = [], 0.0
+    for s, lam in zip(cfg.train.stages, cfg.stage_lams()):
+        done += s.fraction
+        stages.append(Stage(round(done * cfg.train.steps), lam, s.train or every, s.patch))
+    stages[-1].end = cfg.train.steps
+    return stages
+
+
+def learning_rate(cfg: Config, stages: list[Stage], step: int) -> float:
+    """Adam's learning rate for training step ``step`` (0-based), a function of the step alone so a
+    resumed run follows the same schedule: ``train.warmup`` steps of linear warm-up at the start of
+    each stage, then ``train.lr`` (``constant``) or a cosine decay from ``train.lr`` towards 0 at the
+    stage's end."""
+    start = 0
+    for stage in stages:
+        if step < stage.end:
+            break
+        start = stage.end
+    t, warmup = step - start, cfg.train.warmup
+    if t < warmup:
+        return cfg.train.lr * (t + 1) / warmup
+    if cfg.train.lr_schedule == "cosine":
+        return cfg.train.lr * 0.5 * (1 + math.cos(math.pi * (t - warmup) / max(stage.end - start - warmup, 1)))
+    return cfg.train.lr
+
+
+def _save_checkpoint(path: Path, model, optimizer, step: int, cfg: Config, ctx: Context) -> None:
+    """Every rank takes part (random states are gathered); rank 0 writes."""
+    rng = ctx.gather(torch.get_rng_state())
+    cuda_rng = ctx.gather(torch.cuda.get_rng_state()) if ctx.device.type == "cuda" else None
+    if not ctx.main:
+        return
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+             "config": cfg.to_dict(), "torch_rng": rng[0], "world_size": ctx.world}
+    if ctx.active:
+        state["torch_rng_ranks"] = rng
+    if cuda_rng is not None:
+        state["cuda_rng_ranks"] = cuda_rng
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def _read_checkpoint(path: Path, cfg: Config) -> dict:
+    try:
+        with warnings.catch_warnings():  # torch warns about the pickle protocol of a foreign file
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)  # never unpickles arbitrary objects
+    except pickle.UnpicklingError:
+        raise DataError(f"checkpoint {path} cannot be read: it is not a PyTorch checkpoint; "
+                        "cyclereg never unpickles arbitrary objects") from None
+    except Exception as err:  # noqa: BLE001 - any unreadable checkpoint is a data error
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DataError(f"checkpoint {path} cannot be read ({first})") from None
+    saved = state.get("config", {}) if isinstance(state, dict) else {}
+    if saved.get("model") != cfg.to_dict()["model"] or saved.get("data") != cfg.to_dict()["data"]:
+        raise UsageError(f"--resume: checkpoint {path} was trained with another model or data config")
+    return state
+
+
+def _restore(state: dict, model, optimizer, ctx: Context) -> int:
+    world = int(state.get("world_size", 1))
+    if world != ctx.world:
+        raise UsageError(f"--resume: the checkpoint was written by {world} process(es), this run has {ctx.world}; "
+                         "resume with the same number (the global batch and the random streams depend on it)")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["torch_rng_ranks"][ctx.rank] if ctx.active else state["torch_rng"])
+    if "cuda_rng_ranks" in state and ctx.device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda_rng_ranks"][ctx.rank], ctx.device)
+    return int(state["step"])
+
+
+class _Loss(nn.Module):
+    """The training loss as one module, so that DistributedDataParallel sees one forward per step
+    however many times the method calls the network (the two directions, CycleMorph's cycle)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, moving, fixed, settings):
+        return loss_terms(self.model, moving, fixed, settings)
+
+
+def _trim_log(path: Path, step: int) -> None:
+    """Drop log lines written after the checkpoint a run resumes from."""
+    if path.exists():
+        keep = []
+        for line in path.read_text().splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    keep.append(line)
+            except json.JSONDecodeError:  # a line cut short by a crash
+                continue
+        with atomic_path(path) as tmp:
+            tmp.write_text("".join(line + "\n" for line in keep))
+
+
+class _StopOnSignal:
+    """SIGINT (Ctrl-C) and SIGTERM ask training to stop: the current step ends, a checkpoint is saved
+    at that step boundary, then :class:`Interrupted` is raised. A second signal stops at once (the
+    last checkpoint stays). Signals can only be caught in the main thread; elsewhere this does nothing."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signal = None
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        if self.signal is not None:
+            raise KeyboardInterrupt
+        self.signal = signal.Signals(signum)
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        return False
+
+
+def train(cfg: Config, out, resume: bool = False, device=None, progress: bool = True) -> Path:
+    """Train the model described by ``cfg`` into folder ``out``; returns the model file's path.
+
+    Started by ``torchrun``, every process runs this and they train one model together
+    (:mod:`cyclereg.distributed`); ``train.batch_size`` is then the batch of each process."""
+    with distributed.session(torch.device(device) if device else None) as ctx:
+        return _train(cfg, Path(out), resume, ctx, progress and ctx.main)
+
+
+def _train(cfg: Config, out: Path, resume: bool, ctx: Context, progress: bool) -> Path:
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file; expected a folder for the run")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UsageError(f"--out {out}: cannot create the folder ({err.strerror})") from None
+    device = ctx.device
+    ckpt_path, log_path, model_path = out / "checkpoint.pt", out / "log.jsonl", out / "model.safetensors"
+    if resume and not ckpt_path.exists():
+        raise UsageError(f"--resume: no checkpoint in {out}")
+    if not resume and ckpt_path.exists():
+        raise UsageError(f"{out} already holds a run (checkpoint.pt); use --resume or another --out")
+    ctx.barrier()  # every rank has looked before rank 0 writes anything
+
+    saved = _read_checkpoint(ckpt_path, cfg) if resume else None  # before any slow work
+    init = read_init(cfg.train.init) if cfg.train.init and not resume else None  # resumed: weights in the checkpoint
+    if ctx.main:
+        for stale in out.glob(".checkpoint.*.pt"):  # a write cut short by a crash (the rename never happened)
+            stale.unlink()
+    torch.manual_seed(cfg.train.seed + ctx.rank)
+    data = training_data(cfg.data)
+    val_moving, val_fixed = data.heldout()
+    shape = data.shape
+    info = ModelInfo(cfg, shape, data.preprocess)
+    model = build_from_info(info).to(device)
+    if device.type == "cpu" or cfg.train.precision == "bfloat16":  # faster convolutions (methods.use_channels_last)
+        use_channels_last(model, info.dim)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, betas=tuple(cfg.train.betas))
+    if init:
+        initialise_from(model, info, cfg.train.init, init)
+    step = _restore(saved, model, optimizer, ctx) if resume else 0
+    if ctx.main:
+        _trim_log(log_path, step)
+    stages = stage_schedule(cfg)
+    for i, s in enumerate(stages):
+        if s.patch and len(s.patch) != info.dim:
+            raise UsageError(f"train.stages[{i}].patch: expected {info.dim} sizes for {info.dim}D images, got {s.patch}")
+    total = cfg.train.steps
+
+    def log(record: dict) -> None:
+        if ctx.main:
+            with log_path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def validate() -> dict:
+        scores = summarise(score_pairs(model, val_moving, val_fixed), shape)
+        model.train()
+        log({"step": step, **{f"val_{k}": v for k, v in scores.items()}})
+        return scores
+
+    bar = tqdm(total=total, initial=step, desc="train", disable=not progress, dynamic_ncols=True)
+    current = None
+    model.train()
+    model.checkpointing(cfg.train.checkpointing)
+    autocast = torch.autocast(device.type, torch.bfloat16, enabled=cfg.train.precision == "bfloat16")
+    t_start, waited = time.perf_counter(), 0.0
+    loader = Loader(data, cfg.train.seed, cfg.train.batch_size, ctx.rank, ctx.world, step, total, cfg.train.workers)
+    with _StopOnSignal() as stop, loader:
+        while step < total:
+            stage = next(s for s in stages if step < s.end)
+            if stage is not current:
+                model.freeze(stage.trainable)
+                settings = settings_from_config(cfg.model, stage.lam)
+                # with a patch, the trained (last) steps learn on patches of images warped by the earlier ones
+                global_steps, learner = split_steps(model, min(stage.trainable)) if stage.patch else (None, model)
+                loss_fn = _Loss(learner)
+                if ctx.active:  # rebuilt per stage: DDP syncs the parameters that train in this stage
+                    loss_fn = DistributedDataParallel(loss_fn, device_ids=[device.index] if device.type == "cuda" else None)
+                current = stage
+            moving, fixed = loader.next()
+            waited += loader.wait
+            moving, fixed = moving.to(device, non_blocking=True), fixed.to(device, non_blocking=True)
+            if stage.patch:
+                moving, fixed = random_patches(global_steps, moving, fixed, stage.patch)
+            with autocast:
+                loss, terms = loss_fn(moving, fixed, settings)
+            reduced = ctx.mean(torch.stack([loss, *terms.values()]))  # [total, *terms], averaged over ranks
+            if not torch.isfinite(reduced).all():
+                bad = [k for k, v in zip(terms, reduced[1:]) if not torch.isfinite(v)] or ["total"]
+                raise DataError(f"training stopped: loss term {bad[0]!r} is not finite at step {step + 1}; "
+                                f"the last checkpoint in {out} is kept")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(cfg, stages, step)
+            optimizer.step()
+            step += 1
+            bar.update(1)
+            values = dict(zip(terms, reduced[1:].tolist()))
+            bar.set_postfix({k: f"{v:.4g}" for k, v in values.items()}, refresh=False)
+            if step % cfg.train.log_every == 0 or step == total:
+                log({"step": step, "loss": float(reduced[0]), **values, "lam": stage.lam, "lr": optimizer.param_groups[0]["lr"],
+                     "seconds": time.perf_counter() - t_start, "data_wait": loader.wait})
+            if step % cfg.train.val_every == 0 and step < total and ctx.main:
+                scores = validate()
+                bar.write(f"step {step}: held-out dice {scores['dice']:.3f}, folds {scores['folds']:.2f}")
+            stopping = ctx.any(stop.signal is not None)
+            if step % cfg.train.checkpoint_every == 0 or step == total or stopping:
+                _save_checkpoint(ckpt_path, model, optimizer, step, cfg, ctx)
+            if stopping and step < total:
+                bar.close()
+                sig = stop.signal or signal.SIGTERM
+                raise Interrupted(sig, f"training stopped by {sig.name} after step {step}; "
+                                       f"checkpoint saved in {out} (continue with --resume)")
+    bar.close()
+    if not ctx.main:
+        return model_path
+    scores = validate()
+    if progress:
+        print(f"held-out dice {scores['dice']:.3f}, folds {scores['folds']:.2f} per pair, "
+              f"ic error {scores['ic_error']:.3f} voxels")
+    elapsed = time.perf_counter() - t_start
+    info.training = {"data": data.summary(), "steps": step, "processes": ctx.world,
+                     "data_wait_fraction": waited / elapsed if elapsed > 0 else 0.0,
+                     "final_heldout": {k: v for k, v in scores.items() if isinstance(v, (int, float))}}
+    save_model(model_path, model.eval(), info)
+    return model_path
