@@ -35,7 +35,7 @@ from common import SHARED, append_report  # noqa: E402
 from cyclereg.data.augment import random_deformation, random_intensity  # noqa: E402
 from cyclereg.core.coords import identity_grid  # noqa: E402
 from cyclereg.io.images import Geometry  # noqa: E402
-from cyclereg.models.methods import Passes  # noqa: E402
+from cyclereg.models.registration import Passes
 from cyclereg.core.metrics import dice_labels, jacobian_determinant  # noqa: E402
 from cyclereg.models.modelfile import load_model  # noqa: E402
 from cyclereg.io.preprocess import Preprocessing, model_grid, prepare, resample  # noqa: E402

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, append_report, train_and_score  # noqa: E402
 
 from cyclereg.io.figures import draw_grid  # noqa: E402
-from cyclereg.models.methods import LossSettings  # noqa: E402
+from cyclereg.models.methods import LossSettings
 from cyclereg.core.metrics import count_folds, dice_threshold, ic_error  # noqa: E402
 from cyclereg.registration.optimize import optimize_pair  # noqa: E402
 from cyclereg.core.transforms import map_on_grid, warp  # noqa: E402

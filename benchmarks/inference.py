@@ -12,7 +12,7 @@ Sections (all when none is named):
   (``VmHWM``, not ``ru_maxrss``) and its RSS before the first forward. Growth exponent: least-squares slope of
   log(time) against log(voxels). Log-log plot: ``docs/scaling.png``.
 * ``--memory``: one model file loaded once, then many pairs registered in one fresh process
-  (``cyclereg.registration.register.register_tensors``, Φ on the grid and the warped moving image), RSS from
+  (``cyclereg.registration.instance.register_tensors``, Φ on the grid and the warped moving image), RSS from
   ``/proc/self/statm`` after each pair: first, last, max, slope over the last 80 % of the pairs.
 * ``--flops``: FLOPs of one forward of the default model's networks (``FlopCounterMode``) over their
   measured time, against this machine's float32 matmul rate (``torch.mm``), the two alternating.
@@ -54,7 +54,7 @@ from common import ROOT, append_report, machine  # noqa: E402
 
 from cyclereg.core.config import load_config  # noqa: E402
 from cyclereg.core.coords import identity_grid, voxel_scale  # noqa: E402
-from cyclereg.models.methods import build_model, use_channels_last  # noqa: E402
+from cyclereg.models.registration import build_model, use_channels_last
 from cyclereg.models.modelfile import ModelInfo, build_from_info  # noqa: E402
 from cyclereg.models.networks import UNet  # noqa: E402
 from cyclereg.core.transforms import DisplacementField, map_on_grid, sample, warp  # noqa: E402
@@ -279,11 +279,11 @@ def memory_worker(shape, pairs: int) -> dict:
         del model
         model, info = load_model(path)
     try:
-        from cyclereg.registration.register import register_tensors
+        from cyclereg.registration.instance import register_tensors
 
         def register(m, f):
             return register_tensors(model, info, m, f)
-        how = "cyclereg.registration.register.register_tensors"
+        how = "cyclereg.registration.instance.register_tensors"
     except ImportError:  # the register module is being changed; fall back to the model itself
         def register(m, f):
             with torch.inference_mode():

@@ -17,8 +17,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import SHARED, append_report, train_and_score  # noqa: E402
 
 from cyclereg.evaluation.scores import score_pairs, summarise  # noqa: E402
-from cyclereg.models.methods import settings_from_config  # noqa: E402
-from cyclereg.registration.register import instance_optimisation  # noqa: E402
+from cyclereg.models.methods import settings_from_config
+from cyclereg.registration.instance import instance_optimisation  # noqa: E402
 from cyclereg.registration.tuning import InstanceOptimisation  # noqa: E402
 
 NETWORK = {"network": "unet", "params": {"channels": [16, 32, 64, 128]}}

@@ -37,7 +37,8 @@ import reference_icon  # noqa: E402
 from common import append_report  # noqa: E402
 
 from cyclereg.data.datasets import triangles_and_circles  # noqa: E402
-from cyclereg.models.methods import LossSettings, RegistrationModel, Step, build_model, loss_terms, use_channels_last  # noqa: E402
+from cyclereg.models.methods import LossSettings, loss_terms
+from cyclereg.models.registration import RegistrationModel, Step, build_model, use_channels_last
 
 
 class _PairInput(torch.nn.Module):

@@ -29,8 +29,8 @@ icon = pytest.importorskip("icon_registration")
 
 from cyclereg.models import methods  # noqa: E402
 from cyclereg.core.coords import identity_grid  # noqa: E402
-from cyclereg.losses.functions import diffusion, lncc_box  # noqa: E402
-from cyclereg.models.methods import LossSettings, loss_terms  # noqa: E402
+from cyclereg.losses import diffusion, lncc_box  # noqa: E402
+from cyclereg.models.methods import LossSettings, loss_terms
 from cyclereg.core.transforms import DisplacementField  # noqa: E402
 
 SHAPES = {2: (20, 17), 3: (12, 11, 10)}

@@ -122,7 +122,7 @@ def rand_points(n: int, dim: int, extra=(5, 4, 3), dtype=torch.float64, low: flo
 def random_two_step_model(dim, shape, std=0.02):
     """A two-step model in evaluation mode, the first step downsampled 2, with random weights of
     standard deviation ``std`` (``std=0``: the identity map)."""
-    from cyclereg.models.methods import build_model
+    from cyclereg.models.registration import build_model
 
     model = build_model([{"network": "unet", "downsample": 2, "params": {"channels": [8, 16]}},
                          {"network": "unet", "params": {"channels": [8, 16]}}], dim, shape).eval()

@@ -148,3 +148,16 @@ def test_load_config_file_errors(tmp_path):
     with pytest.raises(UsageError, match="not valid TOML") as err:
         load_config(bad)
     assert str(bad) in str(err.value)
+
+
+def test_the_names_a_config_may_use_are_those_of_the_registries():
+    """core.config validates names without importing the layers that implement them; they must agree."""
+    from cyclereg.core import config
+    from cyclereg.losses import SIMILARITIES
+    from cyclereg.models.methods import METHODS
+    from cyclereg.models.networks import NETWORKS
+
+    assert set(config.METHOD_NAMES) == set(METHODS)
+    assert set(config.SIMILARITY_NAMES) == set(SIMILARITIES)
+    assert set(config.NETWORK_NAMES) == set(NETWORKS)
+    assert set(config.DEFAULT_LAM) == set(METHODS)

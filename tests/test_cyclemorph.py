@@ -7,7 +7,8 @@ from cyclereg.io.preprocess import Preprocessing
 from cyclereg.core.config import config_from_dict
 from cyclereg.data.datasets import dataset_images, fixed_pairs
 from cyclereg.evaluation.scores import score_pairs, summarise
-from cyclereg.models.methods import CycleMorph, LossSettings, build_model, loss_terms
+from cyclereg.models.methods import LossSettings, loss_terms
+from cyclereg.models.registration import CycleMorph, build_model
 from cyclereg.models.modelfile import ModelInfo, build_from_info, load_model, save_model
 from cyclereg.training.train import train
 

@@ -1,4 +1,4 @@
-"""Similarities and regularisers (cyclereg.losses.functions)."""
+"""Similarities and regularisers (cyclereg.losses)."""
 
 
 import pytest
@@ -6,9 +6,10 @@ import torch
 import torch.nn.functional as F
 
 from cyclereg.core.coords import identity_grid, voxel_scale
-from cyclereg.losses.functions import (LNCC, MSE, NCC, SIMILARITIES, Diffusion, GradientInverseConsistency, InverseConsistency,
-                             diffusion, gradient_inverse_consistency, inverse_consistency, lncc, lncc_box, mse, ncc,
-                             random_points, box_sum)
+from cyclereg.losses import (LNCC, MSE, NCC, SIMILARITIES, Diffusion, GradientInverseConsistency, InverseConsistency,
+                             diffusion, gradient_inverse_consistency, inverse_consistency, lncc, mse, ncc,
+                             random_points)
+from cyclereg.core.filters import box_sum
 from cyclereg.core.transforms import DisplacementField, Identity
 
 from conftest import rand_points, smooth_field, smooth_image, translation

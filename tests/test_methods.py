@@ -8,8 +8,9 @@ from cyclereg.core.config import config_from_dict
 from cyclereg.data.datasets import dataset_images, fixed_pairs
 from cyclereg.evaluation.scores import score_pairs, summarise
 from cyclereg.core.coords import voxel_scale
-from cyclereg.losses.functions import inverse_consistency, random_points
-from cyclereg.models.methods import LossSettings, Passes, RegistrationModel, Step, build_model, downsample, loss_terms
+from cyclereg.losses import inverse_consistency, random_points
+from cyclereg.models.methods import LossSettings, loss_terms
+from cyclereg.models.registration import Passes, RegistrationModel, Step, build_model, downsample
 from cyclereg.models.modelfile import build_from_info, load_model
 from cyclereg.training.train import train
 from cyclereg.core.transforms import Composed, DisplacementField, warp
@@ -55,7 +56,7 @@ def test_loss_terms_of_an_identity_model():
         _, terms = loss_terms(model, moving, fixed, LossSettings(method=method))
         assert float(list(terms.values())[1].detach()) == 0.0  # the identity is perfectly regular
     _, terms = loss_terms(model, moving, fixed, LossSettings(method="diffusion"))
-    from cyclereg.losses.functions import mse
+    from cyclereg.losses import mse
     torch.testing.assert_close(terms["sim"], mse(moving, fixed).mean())  # one direction
     _, terms = loss_terms(model, moving, fixed, LossSettings(method="icon"))
     torch.testing.assert_close(terms["sim"], 2 * mse(moving, fixed).mean())  # both directions

@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from cyclereg.models.methods import split_steps
+from cyclereg.models.registration import split_steps
 from cyclereg.core.metrics import count_folds
 from cyclereg.models.multiscale import blend_weight, multiscale_register, patch_starts, random_patches
 from cyclereg.core.transforms import map_on_grid

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from cyclereg.losses.functions import mse
+from cyclereg.losses import mse
 from cyclereg.models.networks import NETWORKS, build_network
 from cyclereg.core.transforms import DisplacementField, warp
 

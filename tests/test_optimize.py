@@ -6,11 +6,12 @@ import torch
 from cyclereg.core.coords import identity_grid
 from cyclereg.data.datasets import triangles_and_circles
 from cyclereg.core.errors import UsageError
-from cyclereg.losses.functions import mse
-from cyclereg.models.methods import LossSettings, Passes, RegistrationModel, build_model, coarse_view, downsample, loss_terms
+from cyclereg.losses import mse
+from cyclereg.models.methods import LossSettings, loss_terms
+from cyclereg.models.registration import Passes, RegistrationModel, build_model, coarse_view, downsample
 from cyclereg.core.metrics import count_folds
 from cyclereg.registration.optimize import optimize_pair
-from cyclereg.registration.register import instance_optimisation
+from cyclereg.registration.instance import instance_optimisation
 from cyclereg.core.transforms import map_on_grid, warp
 from cyclereg.registration.tuning import InstanceOptimisation
 

@@ -40,7 +40,7 @@ from cyclereg.core.config import (Config, DataConfig, ModelConfig, StageConfig, 
 from cyclereg.core.coords import identity_grid, voxel_scale
 from cyclereg.core.errors import UsageError
 from cyclereg.io.images import Geometry, read_image, write_image
-from cyclereg.losses.functions import SIMILARITIES, inverse_consistency
+from cyclereg.losses import SIMILARITIES, inverse_consistency
 from cyclereg.models.methods import METHODS
 from cyclereg.models.networks import NETWORKS
 from cyclereg.io.preprocess import INTENSITY_MODES

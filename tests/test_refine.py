@@ -7,7 +7,7 @@ import torch
 
 from cyclereg.core.coords import identity_grid, voxel_scale
 from cyclereg.core.errors import UsageError
-from cyclereg.losses.functions import lncc_box
+from cyclereg.losses import lncc_box
 from cyclereg.registration.refine import WINDOW, refine_map
 from cyclereg.core.transforms import DisplacementField, Identity, sample
 from cyclereg.registration.tuning import InstanceOptimisation

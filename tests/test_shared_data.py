@@ -9,7 +9,7 @@ import torch
 from cyclereg.core.config import load_config
 from cyclereg.data.datasets import dataset_images, load_mnist
 from cyclereg.evaluation.scores import score_pairs, summarise
-from cyclereg.models.methods import build_model
+from cyclereg.models.registration import build_model
 
 pytestmark = pytest.mark.shared_data
 

@@ -10,7 +10,8 @@ from torch import nn
 from cyclereg.data.augment import random_velocity
 from cyclereg.core.config import config_from_dict
 from cyclereg.core.errors import UsageError
-from cyclereg.models.methods import Step, loss_terms, settings_from_config
+from cyclereg.models.methods import loss_terms, settings_from_config
+from cyclereg.models.registration import Step
 from cyclereg.core.metrics import jacobian_determinant
 from cyclereg.models.modelfile import ModelInfo, build_from_info, initialise_from, load_model, save_model
 from cyclereg.io.preprocess import Preprocessing

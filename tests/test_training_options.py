@@ -10,7 +10,8 @@ import torch
 from cyclereg.core.config import config_from_dict
 from cyclereg.data.datasets import training_data
 from cyclereg.training.loader import Loader, make_batch, pair_seed
-from cyclereg.models.methods import LossSettings, build_model, loss_terms
+from cyclereg.models.methods import LossSettings, loss_terms
+from cyclereg.models.registration import build_model
 
 from conftest import smooth_image, tiny_config_dict
 

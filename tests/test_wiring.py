@@ -14,8 +14,9 @@ from torch import nn
 
 from cyclereg.core.config import config_from_dict
 from cyclereg.core.coords import identity_grid, voxel_scale
-from cyclereg.losses.functions import lncc_box, mse
-from cyclereg.models.methods import CycleMorph, LossSettings, loss_terms, settings_from_config
+from cyclereg.losses import lncc_box, mse
+from cyclereg.models.methods import LossSettings, loss_terms, settings_from_config
+from cyclereg.models.registration import CycleMorph
 from cyclereg.core.transforms import DisplacementField, warp
 
 

@@ -62,3 +62,15 @@ def run_demo(out, steps: int | None = None) -> dict:
     print(json.dumps(metrics, indent=2))
     print(f"wrote {out / 'metrics.json'}, {out / 'demo.png'} and the model {model_path}")
     return metrics
+
+
+def add(sub) -> None:
+    demo = sub.add_parser("demo", help="train on synthetic triangles & circles for a few minutes and show the result")
+    demo.add_argument("--out", default="cyclereg-demo", help="output folder (default: %(default)s)")
+    demo.add_argument("--steps", type=int, default=None, help="training steps (default: the demo's budget)")
+    demo.set_defaults(run=run)
+
+
+def run(args) -> int:
+    run_demo(args.out, steps=args.steps)
+    return 0

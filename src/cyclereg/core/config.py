@@ -22,8 +22,16 @@ else:  # pragma: no cover
 from cyclereg.core.errors import UsageError
 
 __all__ = ["DataConfig", "StepConfig", "ModelConfig", "StageConfig", "TrainConfig", "Config",
-           "load_config", "config_from_dict", "apply_overrides", "DEFAULT_LAM"]
+           "load_config", "config_from_dict", "apply_overrides", "DEFAULT_LAM", "METHOD_NAMES", "SIMILARITY_NAMES",
+           "NETWORK_NAMES", "INTENSITY_MODES"]
 
+
+# The names a config may use. The registries behind them (models.methods.METHODS, losses.SIMILARITIES,
+# models.networks.NETWORKS, io.preprocess) sit in higher layers; tests/test_config.py checks that they agree.
+METHOD_NAMES = ("icon", "gradicon", "diffusion", "cyclemorph")
+SIMILARITY_NAMES = ("mse", "ncc", "lncc", "lncc_box")
+NETWORK_NAMES = ("unet", "mlp", "encdec", "convonly", "voxelmorph")
+INTENSITY_MODES = ("minmax", "percentile", "window", "none")
 
 # λ when a config does not set model.lam, per method: the authors' own defaults or examples. ICON:
 # 2048 (its triangles example); GradICON: 1.5 (uniGradICON, with the authors' GradientICON scale);
@@ -179,16 +187,11 @@ def _build(cls, raw: dict, prefix: str = ""):
 
 
 def _check(cfg: Config) -> None:
-    from cyclereg.models.methods import METHODS
-    from cyclereg.models.networks import NETWORKS
-    from cyclereg.losses.functions import SIMILARITIES
-
     def need(ok, key, expected, value):
         if not ok:
             raise UsageError(f"config key {key!r}: expected {expected}, got {_show(value)}")
 
     d, m, t = cfg.data, cfg.model, cfg.train
-    from cyclereg.io.preprocess import INTENSITY_MODES
 
     need(d.dataset in ("triangles", "mnist", "folder"), "data.dataset", "'triangles', 'mnist' or 'folder'", d.dataset)
     need(d.intensity in INTENSITY_MODES, "data.intensity", f"one of {list(INTENSITY_MODES)}", d.intensity)
@@ -210,8 +213,8 @@ def _check(cfg: Config) -> None:
         need(bool(d.root), "data.root", "the folder of the MNIST IDX files (set it with --set data.root=DIR)", d.root)
     if d.dataset == "folder":
         need(bool(d.root), "data.root", "a folder of scans or a CSV listing them (set it with --set data.root=DIR)", d.root)
-    need(m.method in METHODS, "model.method", f"one of {sorted(METHODS)}", m.method)
-    need(m.similarity in SIMILARITIES, "model.similarity", f"one of {sorted(SIMILARITIES)}", m.similarity)
+    need(m.method in METHOD_NAMES, "model.method", f"one of {sorted(METHOD_NAMES)}", m.method)
+    need(m.similarity in SIMILARITY_NAMES, "model.similarity", f"one of {sorted(SIMILARITY_NAMES)}", m.similarity)
     need(m.lam >= 0, "model.lam", "a weight >= 0", m.lam)
     need(m.noise >= 0, "model.noise", "a noise level >= 0 (voxels)", m.noise)
     need(m.sigma > 0, "model.sigma", "a window width > 0 (voxels)", m.sigma)
@@ -220,7 +223,7 @@ def _check(cfg: Config) -> None:
     need(m.beta >= 0, "model.beta", "a weight >= 0", m.beta)
     need(len(m.steps) >= 1, "model.steps", "at least one step", m.steps)
     for i, s in enumerate(m.steps):
-        need(s.network in NETWORKS, f"model.steps[{i}].network", f"one of {sorted(NETWORKS)}", s.network)
+        need(s.network in NETWORK_NAMES, f"model.steps[{i}].network", f"one of {sorted(NETWORK_NAMES)}", s.network)
         need(s.downsample in (1, 2, 4), f"model.steps[{i}].downsample", "1, 2 or 4", s.downsample)
     need(t.steps >= 1, "train.steps", "a number of steps >= 1", t.steps)
     need(t.batch_size >= 1, "train.batch_size", "a batch size >= 1", t.batch_size)

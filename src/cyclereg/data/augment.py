@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from cyclereg.core.coords import identity_grid, voxel_scale
-from cyclereg.core.transforms import DisplacementField, Identity, Transform, exp_velocity, sample, warp
+from cyclereg.core.coords import voxel_scale
+from cyclereg.core.transforms import DisplacementField, Identity, Transform, exp_velocity, warp
 
 __all__ = ["AffineMap", "random_affine_map", "random_velocity", "random_deformation",
            "random_flips_permutation", "apply_flips_permutation", "random_intensity", "AugmentSettings",

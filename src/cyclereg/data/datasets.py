@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from cyclereg.core.errors import DataError
+from cyclereg.data.common import HELDOUT_SEED, TEST_SEED, fixed_pairs, preprocessing, random_pairs
 
 __all__ = ["triangles_and_circles", "read_idx", "load_mnist", "random_pairs", "random_affine", "MNIST_FILES"]
 
@@ -110,19 +111,6 @@ def random_affine(images: torch.Tensor, strength: float, generator: torch.Genera
     return warp(images, affine)
 
 
-def random_pairs(n_images: int, n_pairs: int, generator: torch.Generator) -> torch.Tensor:
-    """``(n_pairs, 2)`` indices of distinct (moving, fixed) images drawn with ``generator``."""
-    if n_images < 2:
-        raise DataError(f"need at least two images to form pairs, got {n_images}")
-    first = torch.randint(n_images, (n_pairs,), generator=generator)
-    second = (first + torch.randint(1, n_images, (n_pairs,), generator=generator)) % n_images
-    return torch.stack([first, second], 1)
-
-
-# Seeds offsets that keep held-out and test triangles apart from the training ones.
-_HELDOUT_SEED, _TEST_SEED = 7_919, 104_729
-
-
 def dataset_images(cfg, split: str = "train", n_test: int = 0) -> torch.Tensor:
     """Images of a :class:`~cyclereg.config.DataConfig` for ``split``:
 
@@ -135,9 +123,9 @@ def dataset_images(cfg, split: str = "train", n_test: int = 0) -> torch.Tensor:
         if split == "train":
             return triangles_and_circles(cfg.n_train, cfg.size, cfg.seed)
         if split == "heldout":
-            return triangles_and_circles(max(64, 2 * cfg.val_pairs), cfg.size, cfg.seed + _HELDOUT_SEED)
+            return triangles_and_circles(max(64, 2 * cfg.val_pairs), cfg.size, cfg.seed + HELDOUT_SEED)
         if split == "test":
-            return triangles_and_circles(max(2, n_test), cfg.size, cfg.seed + _TEST_SEED)
+            return triangles_and_circles(max(2, n_test), cfg.size, cfg.seed + TEST_SEED)
     elif cfg.dataset == "mnist":
         if split == "test":
             return load_mnist(cfg.root, "test", cfg.digit)
@@ -148,21 +136,6 @@ def dataset_images(cfg, split: str = "train", n_test: int = 0) -> torch.Tensor:
                 raise DataError(f"MNIST digit {cfg.digit}: only {len(images)} images in {cfg.root}, too few to hold out {n_out}")
             return images[:-n_out] if split == "train" else images[-n_out:]
     raise DataError(f"unknown dataset {cfg.dataset!r} or split {split!r}")
-
-
-def intensity_range(cfg) -> tuple[float, float]:
-    """The intensity range of a dataset's images (inputs to a model are normalised to it)."""
-    return (-1.0, 1.0) if cfg.dataset == "triangles" else (0.0, 1.0)
-
-
-def preprocessing(cfg):
-    """The :class:`~cyclereg.preprocess.Preprocessing` of a :class:`~cyclereg.config.DataConfig`."""
-    from cyclereg.io.preprocess import Preprocessing
-
-    if cfg.dataset != "folder":
-        return Preprocessing(range=intensity_range(cfg))
-    return Preprocessing(cfg.intensity, tuple(cfg.percentiles), tuple(cfg.window), (0.0, 1.0),
-                         tuple(cfg.spacing), cfg.pad_multiple)
 
 
 class ImageSet:
@@ -203,9 +176,3 @@ def training_data(cfg):
 
         return ScanSet(cfg)
     return ImageSet(cfg)
-
-
-def fixed_pairs(images: torch.Tensor, n_pairs: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``n_pairs`` seeded (moving, fixed) pairs of distinct images."""
-    idx = random_pairs(len(images), n_pairs, torch.Generator().manual_seed(seed))
-    return images[idx[:, 0]], images[idx[:, 1]]

@@ -23,13 +23,11 @@ import torch
 from cyclereg.core.atomic import atomic_path
 from cyclereg.data.augment import AugmentSettings, augment_pair
 from cyclereg.core.errors import DataError
+from cyclereg.data.common import HELDOUT_SEED, preprocessing, random_pairs
 from cyclereg.io.images import read_image
 from cyclereg.io.preprocess import model_grid, prepare
 
 __all__ = ["scan_paths", "ScanSet"]
-
-_HELDOUT_SEED = 7_919
-
 
 def scan_paths(cfg) -> list[Path]:
     """The scans named by ``data.root``: a folder (files matching ``data.pattern``) or a CSV file with
@@ -60,8 +58,6 @@ class ScanSet:
     memory-mapped: later runs start at once, and the processes of a distributed run share the pages."""
 
     def __init__(self, cfg):
-        from cyclereg.data.datasets import preprocessing
-
         self.cfg = cfg
         self.preprocess = preprocessing(cfg)
         paths = scan_paths(cfg)
@@ -109,8 +105,7 @@ class ScanSet:
             return images[int(torch.randint(len(images), (1,), generator=generator))], self.atlas
         if len(images) == 1:
             return images[0], images[0]
-        first = int(torch.randint(len(images), (1,), generator=generator))
-        second = (first + int(torch.randint(1, len(images), (1,), generator=generator))) % len(images)
+        first, second = random_pairs(len(images), 1, generator)[0].tolist()
         return images[first], images[second]
 
     def pair(self, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -129,7 +124,7 @@ class ScanSet:
     def heldout(self):
         """``data.val_pairs`` augmented pairs of the held-out scans, from a seed of their own."""
         images = self.images if self.heldout_paths is self.train_paths else self._load(self.heldout_paths)
-        generator = torch.Generator().manual_seed(self.cfg.seed + _HELDOUT_SEED)
+        generator = torch.Generator().manual_seed(self.cfg.seed + HELDOUT_SEED)
         pairs = []
         for _ in range(self.cfg.val_pairs):
             moving, fixed = self._pick(images, generator)

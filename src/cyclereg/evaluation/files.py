@@ -23,43 +23,14 @@ import torch
 from cyclereg.core.atomic import write_text
 from cyclereg.core.errors import CycleregError, DataError, UsageError
 from cyclereg.io.images import Geometry, read_image
+from cyclereg.io.pairs import each_row, read_pairs_csv
 from cyclereg.core.label_metrics import folded_percent, hd95, label_volumes, log_jacobian_std
 from cyclereg.core.metrics import dice_labels, dice_threshold, folded
 from cyclereg.io.preprocess import model_grid, prepare
 from cyclereg.registration.register import map_physical, on_fixed_grid, read_pair, register_pair, sample_like_itk, warp_image
 from cyclereg.registration.tuning import NO_IO, InstanceOptimisation
 
-REQUIRED = ("fixed", "moving")
-
-__all__ = ["read_pairs_csv", "parse_labels", "evaluate_csv"]
-
-
-def read_pairs_csv(path) -> list[dict]:
-    """Rows of a pairs CSV; relative paths are taken from the CSV's folder."""
-    path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"--pairs-csv {path} does not exist or is not a file")
-    try:
-        with path.open(newline="") as f:
-            reader = csv.DictReader(f)
-            missing = [c for c in REQUIRED if c not in (reader.fieldnames or [])]
-            if missing:
-                raise DataError(f"--pairs-csv {path}: missing column(s) {', '.join(missing)}; "
-                                "expected fixed, moving[, fixed_labels, moving_labels]")
-            rows = []
-            for i, row in enumerate(reader, start=2):
-                if not row.get("fixed") or not row.get("moving"):
-                    raise DataError(f"--pairs-csv {path}, line {i}: empty fixed or moving path")
-                row = {k: (str(path.parent / v) if v else "") for k, v in row.items() if k}
-                for column in ("fixed", "moving", "fixed_labels", "moving_labels"):  # fail before any work
-                    if row.get(column) and not Path(row[column]).exists():
-                        raise DataError(f"--pairs-csv {path}, line {i}: {column} {row[column]} does not exist")
-                rows.append(row)
-    except (UnicodeDecodeError, csv.Error) as err:
-        raise DataError(f"--pairs-csv {path} is not a readable CSV file ({err})") from None
-    if not rows:
-        raise DataError(f"--pairs-csv {path} lists no pairs")
-    return rows
+__all__ = ["parse_labels", "evaluate_csv"]
 
 
 def parse_labels(text: str | None) -> list[int] | None:
@@ -129,20 +100,18 @@ def evaluate_csv(model, info, csv_path, tuning: InstanceOptimisation = NO_IO, la
     With a :class:`~cyclereg.distributed.Context` of several processes (``torchrun``), each scores
     rows ``rank, rank + world, ...``; rank 0 gathers them, writes and returns the summary, the
     others return None. An error on any rank stops every rank with that error."""
-    from tqdm import tqdm
-
     from cyclereg.core.distributed import Context
 
     ctx = ctx or Context()
     rows = read_pairs_csv(csv_path)
-    mine = range(ctx.rank, len(rows), ctx.world)
     scored, failure = [], None
-    for i in tqdm(mine, desc="evaluate", disable=not (progress and ctx.main), dynamic_ncols=True):
-        try:
-            scored.append((i, _score_pair(model, info, rows[i], labels, tuning)))
-        except CycleregError as err:
-            failure = (i, type(err), f"--pairs-csv {csv_path}, line {i + 2}: {err}")
-            break
+    try:
+        for i, result in each_row(csv_path, range(ctx.rank, len(rows), ctx.world),
+                                  lambda i: _score_pair(model, info, rows[i], labels, tuning), "evaluate",
+                                  progress and ctx.main):
+            scored.append((i, result))
+    except CycleregError as err:  # stop every rank with the first failure of any
+        failure = (err.row, type(err), str(err))
     gathered = ctx.gather((scored, failure))
     failures = sorted(f for _, f in gathered if f is not None)
     if failures:

@@ -29,7 +29,7 @@ from cyclereg.io.images import Geometry
 
 __all__ = ["Preprocessing", "model_grid", "resample", "intensity_bounds", "prepare"]
 
-INTENSITY_MODES = ("minmax", "percentile", "window", "none")
+from cyclereg.core.config import INTENSITY_MODES  # the names configs may use, defined once
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from cyclereg import __version__
 from cyclereg.core.atomic import atomic_path
 from cyclereg.core.config import Config, config_from_dict
 from cyclereg.core.errors import CycleregError, DataError, UsageError
-from cyclereg.models.methods import RegistrationModel, build_model, use_channels_last
+from cyclereg.models.registration import RegistrationModel, build_model, use_channels_last
 from cyclereg.io.preprocess import Preprocessing
 
 FORMAT = "cyclereg-model"

@@ -15,7 +15,7 @@ import math
 import torch
 from torch import nn
 
-from cyclereg.models.methods import RegistrationModel, forward_model
+from cyclereg.models.registration import RegistrationModel, forward_model
 from cyclereg.core.transforms import DisplacementField, Transform, warp
 
 __all__ = ["patch_starts", "blend_weight", "refine_in_patches", "multiscale_register", "Patchwise", "random_patches"]

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from cyclereg.core.coords import identity_grid, voxel_scale
-from cyclereg.losses.functions import diffusion, lncc_box
+from cyclereg.losses import diffusion, lncc_box
 from cyclereg.core.transforms import DisplacementField, Transform, sample
 from cyclereg.registration.tuning import InstanceOptimisation
 

@@ -11,8 +11,6 @@ resampler and ANTs give the same warped image from the written transform.
 
 from __future__ import annotations
 
-import contextlib
-import copy
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,19 +19,18 @@ import torch
 import torch.nn.functional as F
 
 from cyclereg.core.coords import identity_grid
-from cyclereg.core.errors import CycleregError, DataError, UsageError
+from cyclereg.core.errors import DataError, UsageError
 from cyclereg.core.atomic import atomic_path
 from cyclereg.io.images import Geometry, image_to_tensor, read_image, read_transform, write_displacement, write_image
-from cyclereg.models.methods import LossSettings, Passes, coarse_view, downsample, loss_terms, settings_from_config
+from cyclereg.io.pairs import each_row, read_pairs_csv
 from cyclereg.core.label_metrics import folded_percent
 from cyclereg.core.metrics import folded, jacobian_determinant
 from cyclereg.io.preprocess import Preprocessing, model_grid, prepare
-from cyclereg.registration.refine import refine_as
 from cyclereg.core.transforms import Transform, sample
+from cyclereg.registration.instance import register_tensors
 from cyclereg.registration.tuning import NO_IO, InstanceOptimisation
 
-__all__ = ["Pair", "read_pair", "Registration", "model_inputs", "instance_optimisation",
-           "register_tensors", "register_pair", "map_physical", "on_fixed_grid", "sample_like_itk", "warp_image", "write_outputs",
+__all__ = ["Pair", "read_pair", "Registration", "model_inputs", "register_pair", "map_physical", "on_fixed_grid", "sample_like_itk", "warp_image", "write_outputs",
            "register_files", "register_csv", "warp_file"]
 
 
@@ -80,52 +77,6 @@ def model_inputs(pair: Pair, prep: Preprocessing, size=None) -> tuple[Geometry, 
         raise DataError(f"{pair.moving_name} and {pair.fixed_name} do not overlap in physical space "
                         "(origin, spacing, direction); align them affinely first")
     return grid, prepare(pair.moving, grid, prep, pair.moving_name), prepare(pair.fixed, grid, prep, pair.fixed_name)
-
-
-@contextlib.contextmanager
-def instance_optimisation(model, moving, fixed, settings: LossSettings, tuning: InstanceOptimisation):
-    """Fine-tune ``model`` on one pair as ``tuning`` says (batch norm in evaluation mode), yield it, then
-    restore the original weights whatever happens. A model run in :class:`~cyclereg.methods.Passes`
-    is fine-tuned as trained: one pass."""
-    trained = model.model if isinstance(model, Passes) else model
-    if tuning.steps and tuning.downsample > 1:
-        try:
-            trained = coarse_view(trained, tuning.downsample)
-        except ValueError:
-            raise UsageError(f"--io-downsample {tuning.downsample}: the model's first step is not downsampled by a "
-                             f"multiple of {tuning.downsample}, so no step can be tuned on the downsampled pair") from None
-        moving, fixed = downsample(moving, tuning.downsample), downsample(fixed, tuning.downsample)
-    saved = copy.deepcopy(model.state_dict())
-    try:
-        if tuning.steps > 0:
-            model.eval()
-            trained.eval()
-            params = list(trained.parameters())
-            flags = [p.requires_grad for p in params]
-            for p in params:
-                p.requires_grad_(True)
-            optimizer = torch.optim.Adam(params, lr=tuning.lr)
-            with torch.enable_grad():
-                for _ in range(tuning.steps):
-                    loss, _ = loss_terms(trained, moving, fixed, settings)
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
-            for p, flag in zip(params, flags):
-                p.requires_grad_(flag)
-        yield model
-    finally:
-        model.load_state_dict(saved)
-        model.eval()
-
-
-def register_tensors(model, info, moving: torch.Tensor, fixed: torch.Tensor, tuning: InstanceOptimisation = NO_IO) -> Transform:
-    """``Φ_AB`` for prepared inputs ``(1, 1, *spatial)`` on one model grid."""
-    device = next(model.parameters()).device
-    m, f = moving.to(device), fixed.to(device)
-    with instance_optimisation(model, m, f, settings_from_config(info.config.model, info.config.final_lam()), tuning) as tuned, torch.no_grad():
-        phi = tuned(m, f)
-    return refine_as(tuning, phi, m, f)
 
 
 @dataclass
@@ -252,10 +203,6 @@ def register_csv(model, info, csv_path, out_dir, outputs=("warped", "transform")
     go to ``out_dir/NAME_warped.nii.gz`` and so on (``NAME``: the ``name`` column, or the moving and
     fixed file names). With ``world`` processes, this one takes rows ``rank, rank + world, ...``.
     Yields one summary per pair registered here."""
-    from tqdm import tqdm
-
-    from cyclereg.evaluation.files import read_pairs_csv
-
     out_dir = Path(out_dir)
     if not out_dir.is_dir():
         raise UsageError(f"--out-dir {out_dir} is not a folder")
@@ -271,18 +218,17 @@ def register_csv(model, info, csv_path, out_dir, outputs=("warped", "transform")
             raise DataError(f"--pairs-csv {csv_path}, line {line}: output name {name!r} is also that of line "
                             f"{seen[name]}; add a column 'name'")
         seen[name] = line
-    mine = list(range(rank, len(rows), world))
-    for i in tqdm(mine, desc="register", disable=not progress, dynamic_ncols=True):
+    def one(i):
         row, name = rows[i], names[i]
         labels = row.get("moving_labels") or None
         files = {k: out_dir / f"{name}_{OUTPUT_NAMES[k]}" for k in outputs}
-        try:
-            summary = register_files(model, info, row["fixed"], row["moving"], moving_labels=labels,
-                                     warped_labels=out_dir / f"{name}_warped_labels.nii.gz" if labels else None,
-                                     tuning=tuning, **{k: str(v) for k, v in files.items()})
-        except CycleregError as err:
-            raise type(err)(f"--pairs-csv {csv_path}, line {i + 2}: {err}") from None
-        yield {"name": name, "fixed": row["fixed"], "moving": row["moving"], **summary}
+        summary = register_files(model, info, row["fixed"], row["moving"], moving_labels=labels,
+                                 warped_labels=out_dir / f"{name}_warped_labels.nii.gz" if labels else None,
+                                 tuning=tuning, **{k: str(v) for k, v in files.items()})
+        return {"name": name, "fixed": row["fixed"], "moving": row["moving"], **summary}
+
+    for _, summary in each_row(csv_path, range(rank, len(rows), world), one, "register", progress):
+        yield summary
 
 
 def _stem(path) -> str:

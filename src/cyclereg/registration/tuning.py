@@ -1,6 +1,6 @@
 """How a model is tuned to the one pair it registers (instance optimisation): the settings only, light
 to import (the command line builds its options from them). The work is done in
-:func:`cyclereg.register.instance_optimisation` (the weights) and :mod:`cyclereg.refine` (the map)."""
+:func:`cyclereg.registration.instance.instance_optimisation` (the weights) and :mod:`cyclereg.registration.refine` (the map)."""
 
 from __future__ import annotations
 

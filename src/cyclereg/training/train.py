@@ -19,7 +19,7 @@ import signal
 import threading
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -35,7 +35,8 @@ from cyclereg.core.distributed import Context
 from cyclereg.training.loader import Loader
 from cyclereg.core.errors import DataError, Interrupted, UsageError
 from cyclereg.evaluation.scores import score_pairs, summarise
-from cyclereg.models.methods import loss_terms, settings_from_config, split_steps, use_channels_last
+from cyclereg.models.methods import loss_terms, settings_from_config
+from cyclereg.models.registration import split_steps, use_channels_last
 from cyclereg.models.multiscale import random_patches
 from cyclereg.models.modelfile import ModelInfo, build_from_info, initialise_from, read_init, save_model
 
@@ -189,121 +190,166 @@ def train(cfg: Config, out, resume: bool = False, device=None, progress: bool = 
         return _train(cfg, Path(out), resume, ctx, progress and ctx.main)
 
 
-def _train(cfg: Config, out: Path, resume: bool, ctx: Context, progress: bool) -> Path:
+@dataclass
+class _Run:
+    """A training run being set up or under way: its files, data, model, optimiser and step."""
+
+    cfg: Config
+    out: Path
+    ctx: Context
+    info: ModelInfo = None
+    data: object = None
+    model: nn.Module = None
+    optimizer: torch.optim.Optimizer = None
+    heldout: tuple = ()
+    stages: list = field(default_factory=list)
+    step: int = 0
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.out / "checkpoint.pt"
+
+    @property
+    def log_path(self) -> Path:
+        return self.out / "log.jsonl"
+
+    def log(self, record: dict) -> None:
+        if self.ctx.main:
+            with self.log_path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def validate(self) -> dict:
+        scores = summarise(score_pairs(self.model, *self.heldout), self.info.shape)
+        self.model.train()
+        self.log({"step": self.step, **{f"val_{k}": v for k, v in scores.items()}})
+        return scores
+
+
+def _open_run(cfg: Config, out: Path, resume: bool, ctx: Context) -> _Run:
+    """Check the run folder, then build the data, the model and the optimiser, resumed if asked."""
+    run = _Run(cfg, out, ctx)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file; expected a folder for the run")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise UsageError(f"--out {out}: cannot create the folder ({err.strerror})") from None
-    device = ctx.device
-    ckpt_path, log_path, model_path = out / "checkpoint.pt", out / "log.jsonl", out / "model.safetensors"
-    if resume and not ckpt_path.exists():
+    if resume and not run.checkpoint.exists():
         raise UsageError(f"--resume: no checkpoint in {out}")
-    if not resume and ckpt_path.exists():
+    if not resume and run.checkpoint.exists():
         raise UsageError(f"{out} already holds a run (checkpoint.pt); use --resume or another --out")
     ctx.barrier()  # every rank has looked before rank 0 writes anything
 
-    saved = _read_checkpoint(ckpt_path, cfg) if resume else None  # before any slow work
+    saved = _read_checkpoint(run.checkpoint, cfg) if resume else None  # before any slow work
     init = read_init(cfg.train.init) if cfg.train.init and not resume else None  # resumed: weights in the checkpoint
     if ctx.main:
         for stale in out.glob(".checkpoint.*.pt"):  # a write cut short by a crash (the rename never happened)
             stale.unlink()
     torch.manual_seed(cfg.train.seed + ctx.rank)
-    data = training_data(cfg.data)
-    val_moving, val_fixed = data.heldout()
-    shape = data.shape
-    info = ModelInfo(cfg, shape, data.preprocess)
-    model = build_from_info(info).to(device)
-    if device.type == "cpu" or cfg.train.precision == "bfloat16":  # faster convolutions (methods.use_channels_last)
-        use_channels_last(model, info.dim)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, betas=tuple(cfg.train.betas))
+    run.data = training_data(cfg.data)
+    run.heldout = run.data.heldout()
+    run.info = ModelInfo(cfg, run.data.shape, run.data.preprocess)
+    run.model = build_from_info(run.info).to(ctx.device)
+    if ctx.device.type == "cpu" or cfg.train.precision == "bfloat16":  # faster convolutions (use_channels_last)
+        use_channels_last(run.model, run.info.dim)
+    run.optimizer = torch.optim.Adam(run.model.parameters(), lr=cfg.train.lr, betas=tuple(cfg.train.betas))
     if init:
-        initialise_from(model, info, cfg.train.init, init)
-    step = _restore(saved, model, optimizer, ctx) if resume else 0
+        initialise_from(run.model, run.info, cfg.train.init, init)
+    run.step = _restore(saved, run.model, run.optimizer, ctx) if resume else 0
     if ctx.main:
-        _trim_log(log_path, step)
-    stages = stage_schedule(cfg)
-    for i, s in enumerate(stages):
-        if s.patch and len(s.patch) != info.dim:
-            raise UsageError(f"train.stages[{i}].patch: expected {info.dim} sizes for {info.dim}D images, got {s.patch}")
-    total = cfg.train.steps
+        _trim_log(run.log_path, run.step)
+    run.stages = stage_schedule(cfg)
+    for i, s in enumerate(run.stages):
+        if s.patch and len(s.patch) != run.info.dim:
+            raise UsageError(f"train.stages[{i}].patch: expected {run.info.dim} sizes for {run.info.dim}D images, got {s.patch}")
+    return run
 
-    def log(record: dict) -> None:
-        if ctx.main:
-            with log_path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
 
-    def validate() -> dict:
-        scores = summarise(score_pairs(model, val_moving, val_fixed), shape)
-        model.train()
-        log({"step": step, **{f"val_{k}": v for k, v in scores.items()}})
-        return scores
+def _stage_loss(run: _Run, stage: Stage):
+    """``(settings, global_steps, loss)`` of a stage: its λ, and with a patch the global steps that warp
+    the images before the trained (last) steps learn on patches of them."""
+    run.model.freeze(stage.trainable)
+    settings = settings_from_config(run.cfg.model, stage.lam)
+    global_steps, learner = split_steps(run.model, min(stage.trainable)) if stage.patch else (None, run.model)
+    loss_fn = _Loss(learner)
+    if run.ctx.active:  # rebuilt per stage: DDP syncs the parameters that train in this stage
+        device = run.ctx.device
+        loss_fn = DistributedDataParallel(loss_fn, device_ids=[device.index] if device.type == "cuda" else None)
+    return settings, global_steps, loss_fn
 
-    bar = tqdm(total=total, initial=step, desc="train", disable=not progress, dynamic_ncols=True)
+
+def _optimise(run: _Run, loss_fn, settings, moving, fixed, autocast) -> tuple[torch.Tensor, dict]:
+    """One step of Adam on a batch; returns the loss terms averaged over ranks, ``[total, *terms]``."""
+    with autocast:
+        loss, terms = loss_fn(moving, fixed, settings)
+    reduced = run.ctx.mean(torch.stack([loss, *terms.values()]))
+    if not torch.isfinite(reduced).all():
+        bad = [k for k, v in zip(terms, reduced[1:]) if not torch.isfinite(v)] or ["total"]
+        raise DataError(f"training stopped: loss term {bad[0]!r} is not finite at step {run.step + 1}; "
+                        f"the last checkpoint in {run.out} is kept")
+    run.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    for group in run.optimizer.param_groups:
+        group["lr"] = learning_rate(run.cfg, run.stages, run.step)
+    run.optimizer.step()
+    run.step += 1
+    return reduced, dict(zip(terms, reduced[1:].tolist()))
+
+
+def _train(cfg: Config, out: Path, resume: bool, ctx: Context, progress: bool) -> Path:
+    run = _open_run(cfg, out, resume, ctx)
+    total, every = cfg.train.steps, cfg.train
+    bar = tqdm(total=total, initial=run.step, desc="train", disable=not progress, dynamic_ncols=True)
     current = None
-    model.train()
-    model.checkpointing(cfg.train.checkpointing)
-    autocast = torch.autocast(device.type, torch.bfloat16, enabled=cfg.train.precision == "bfloat16")
+    run.model.train()
+    run.model.checkpointing(cfg.train.checkpointing)
+    autocast = torch.autocast(ctx.device.type, torch.bfloat16, enabled=cfg.train.precision == "bfloat16")
     t_start, waited = time.perf_counter(), 0.0
-    loader = Loader(data, cfg.train.seed, cfg.train.batch_size, ctx.rank, ctx.world, step, total, cfg.train.workers)
+    loader = Loader(run.data, cfg.train.seed, cfg.train.batch_size, ctx.rank, ctx.world, run.step, total, cfg.train.workers)
     with _StopOnSignal() as stop, loader:
-        while step < total:
-            stage = next(s for s in stages if step < s.end)
+        while run.step < total:
+            stage = next(s for s in run.stages if run.step < s.end)
             if stage is not current:
-                model.freeze(stage.trainable)
-                settings = settings_from_config(cfg.model, stage.lam)
-                # with a patch, the trained (last) steps learn on patches of images warped by the earlier ones
-                global_steps, learner = split_steps(model, min(stage.trainable)) if stage.patch else (None, model)
-                loss_fn = _Loss(learner)
-                if ctx.active:  # rebuilt per stage: DDP syncs the parameters that train in this stage
-                    loss_fn = DistributedDataParallel(loss_fn, device_ids=[device.index] if device.type == "cuda" else None)
-                current = stage
+                (settings, global_steps, loss_fn), current = _stage_loss(run, stage), stage
             moving, fixed = loader.next()
             waited += loader.wait
-            moving, fixed = moving.to(device, non_blocking=True), fixed.to(device, non_blocking=True)
+            moving, fixed = moving.to(ctx.device, non_blocking=True), fixed.to(ctx.device, non_blocking=True)
             if stage.patch:
                 moving, fixed = random_patches(global_steps, moving, fixed, stage.patch)
-            with autocast:
-                loss, terms = loss_fn(moving, fixed, settings)
-            reduced = ctx.mean(torch.stack([loss, *terms.values()]))  # [total, *terms], averaged over ranks
-            if not torch.isfinite(reduced).all():
-                bad = [k for k, v in zip(terms, reduced[1:]) if not torch.isfinite(v)] or ["total"]
-                raise DataError(f"training stopped: loss term {bad[0]!r} is not finite at step {step + 1}; "
-                                f"the last checkpoint in {out} is kept")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            for group in optimizer.param_groups:
-                group["lr"] = learning_rate(cfg, stages, step)
-            optimizer.step()
-            step += 1
+            reduced, values = _optimise(run, loss_fn, settings, moving, fixed, autocast)
+            step = run.step
             bar.update(1)
-            values = dict(zip(terms, reduced[1:].tolist()))
             bar.set_postfix({k: f"{v:.4g}" for k, v in values.items()}, refresh=False)
-            if step % cfg.train.log_every == 0 or step == total:
-                log({"step": step, "loss": float(reduced[0]), **values, "lam": stage.lam, "lr": optimizer.param_groups[0]["lr"],
-                     "seconds": time.perf_counter() - t_start, "data_wait": loader.wait})
-            if step % cfg.train.val_every == 0 and step < total and ctx.main:
-                scores = validate()
+            if step % every.log_every == 0 or step == total:
+                run.log({"step": step, "loss": float(reduced[0]), **values, "lam": stage.lam,
+                         "lr": run.optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - t_start,
+                         "data_wait": loader.wait})
+            if step % every.val_every == 0 and step < total and ctx.main:
+                scores = run.validate()
                 bar.write(f"step {step}: held-out dice {scores['dice']:.3f}, folds {scores['folds']:.2f}")
             stopping = ctx.any(stop.signal is not None)
-            if step % cfg.train.checkpoint_every == 0 or step == total or stopping:
-                _save_checkpoint(ckpt_path, model, optimizer, step, cfg, ctx)
+            if step % every.checkpoint_every == 0 or step == total or stopping:
+                _save_checkpoint(run.checkpoint, run.model, run.optimizer, step, cfg, ctx)
             if stopping and step < total:
                 bar.close()
                 sig = stop.signal or signal.SIGTERM
                 raise Interrupted(sig, f"training stopped by {sig.name} after step {step}; "
                                        f"checkpoint saved in {out} (continue with --resume)")
     bar.close()
-    if not ctx.main:
+    return _finish(run, progress, waited / max(time.perf_counter() - t_start, 1e-9))
+
+
+def _finish(run: _Run, progress: bool, wait_fraction: float) -> Path:
+    """Score the held-out pairs once more and write the model file (rank 0)."""
+    model_path = run.out / "model.safetensors"
+    if not run.ctx.main:
         return model_path
-    scores = validate()
+    scores = run.validate()
     if progress:
         print(f"held-out dice {scores['dice']:.3f}, folds {scores['folds']:.2f} per pair, "
-              f"ic error {scores['ic_error']:.3f} voxels")
-    elapsed = time.perf_counter() - t_start
-    info.training = {"data": data.summary(), "steps": step, "processes": ctx.world,
-                     "data_wait_fraction": waited / elapsed if elapsed > 0 else 0.0,
-                     "final_heldout": {k: v for k, v in scores.items() if isinstance(v, (int, float))}}
-    save_model(model_path, model.eval(), info)
+              f"ic error {scores['ic_error']:.3f} mm")
+    run.info.training = {"data": run.data.summary(), "steps": run.step, "processes": run.ctx.world,
+                         "data_wait_fraction": wait_fraction,
+                         "final_heldout": {k: v for k, v in scores.items() if isinstance(v, (int, float))}}
+    save_model(model_path, run.model.eval(), run.info)
     return model_path

@@ -1,0 +1,106 @@
+"""What the commands share: options, loading a model, the device, instance optimisation and passes."""
+
+from __future__ import annotations
+
+import sys
+
+from cyclereg.core.errors import UsageError
+
+PASSES_HELP = ("run the model this many times, each pass on the moving image warped by the passes before; "
+               "more accurate for one network call per pass (default: %(default)s)")
+
+
+def add_io_options(parser):
+    """Instance optimisation per pair: the weights (``--io-*``), then the map (``--io-field-*``)."""
+    from cyclereg.registration.tuning import NO_IO as d
+
+    parser.add_argument("--io-steps", type=int, default=d.steps, help="instance optimisation: Adam steps on the model's "
+                        "weights for each pair, on its training loss (default: %(default)s)")
+    parser.add_argument("--io-lr", type=float, default=d.lr, help="instance optimisation learning rate (default: %(default)s)")
+    parser.add_argument("--io-downsample", type=int, default=d.downsample, help="instance optimisation of the model's steps "
+                        "downsampled by a multiple of this (1, 2 or 4), on the pair downsampled by it: far cheaper per "
+                        "step; the finer steps run as trained (default: %(default)s)")
+    parser.add_argument("--io-field-steps", type=int, default=d.field_steps, help="then refine the map itself: Adam steps "
+                        "on a smooth residual field, box LNCC + diffusion (default: %(default)s)")
+    parser.add_argument("--io-field-lr", type=float, default=d.field_lr, help="field refinement: first step in voxels, "
+                        "decayed along a cosine (default: %(default)s)")
+    parser.add_argument("--io-field-weight", type=float, default=d.field_weight,
+                        help="field refinement: weight of the residual's diffusion ‖∇R‖² (default: %(default)s)")
+    parser.add_argument("--io-field-downsample", type=int, default=d.field_downsample,
+                        help="field refinement: the residual's grid is this many times coarser than the model grid "
+                        "(default: %(default)s)")
+
+
+def load(args, device=None):
+    """The model of ``--model`` on its device, compiled first with ``--compile`` (time on stderr)."""
+    from cyclereg.models.registration import compile_networks
+    from cyclereg.models.modelfile import load_model
+
+    device = device or device_of(args.device)
+    model, info = load_model(args.model, device)
+    if getattr(args, "compile", False):
+        seconds = compile_networks(model, info.shape, device)
+        print(f"cyclereg: torch.compile: {seconds:.1f} s to compile for {'x'.join(map(str, info.shape))} "
+              "(other shapes compile on first use)", file=sys.stderr)
+    return model, info
+
+
+def tuning_of(args):
+    """The instance optimisation asked for by the ``--io-*`` options."""
+    from cyclereg.registration.tuning import InstanceOptimisation
+
+    return InstanceOptimisation(args.io_steps, args.io_lr, args.io_downsample, args.io_field_steps, args.io_field_lr,
+                                args.io_field_weight, args.io_field_downsample)
+
+
+def passes(args, model):
+    """The model run ``--passes`` times (:class:`cyclereg.methods.Passes`)."""
+    from cyclereg.models.registration import Passes
+
+    if args.passes < 1:
+        raise UsageError(f"--passes: expected at least 1, got {args.passes}")
+    return Passes(model, args.passes) if args.passes > 1 else model
+
+
+def patchwise(args, model, info):
+    """The model run on patches by ``--patch``/``--overlap`` (:class:`cyclereg.multiscale.Patchwise`)."""
+    if not args.patch:
+        if args.overlap:
+            raise UsageError("--overlap goes with --patch")
+        return model
+    from cyclereg.models.registration import forward_model
+    from cyclereg.models.multiscale import Patchwise
+
+    if args.io_steps:
+        raise UsageError("--patch runs the model without gradients; it does not combine with --io-steps")
+    if len(args.patch) != info.dim or min(args.patch) < 4:
+        raise UsageError(f"--patch: expected {info.dim} sizes of at least 4 voxels, got {args.patch}")
+    overlap = args.overlap or [p // 4 for p in args.patch]
+    if len(overlap) != info.dim or any(not 0 <= o < p for o, p in zip(overlap, args.patch)):
+        raise UsageError(f"--overlap: expected {info.dim} overlaps from 0 to below the patch sizes {args.patch}, got {overlap}")
+    steps = len(forward_model(model).steps)
+    if steps != 2:
+        raise UsageError(f"--patch needs a model of two steps (global, local); {args.model} has {steps}")
+    return Patchwise(model, args.patch, overlap)
+
+
+def device_of(name):
+    import torch
+
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device: expected cpu or cuda, got {name!r}") from None
+
+
+def check_outputs(outputs: dict) -> None:
+    """``outputs``: option -> path (or None). At least one is needed, each in a writable folder."""
+    from cyclereg.core.atomic import check_output
+
+    if not any(outputs.values()):
+        raise UsageError(f"name at least one output ({', '.join(outputs)})")
+    for option, out in outputs.items():
+        if out:
+            check_output(out, option)
