@@ -11,7 +11,21 @@ import torch
 from cyclereg.core.coords import identity_grid, voxel_scale
 from cyclereg.core.transforms import Transform
 
-__all__ = ["jacobian_matrix", "jacobian_determinant", "folded", "count_folds", "dice_threshold", "dice_labels", "ic_error"]
+__all__ = ["forward_differences", "jacobian_matrix", "jacobian_determinant", "folded", "count_folds", "dice_threshold", "dice_labels", "ic_error"]
+
+
+def forward_differences(values: torch.Tensor, cropped: bool = False) -> list[torch.Tensor]:
+    """``x[i + 1] − x[i]`` along each spatial axis of ``(N, C, *shape)``, one tensor per axis. With
+    ``cropped``, each is cut to the ``shape − 1`` cells of the grid so that they line up cell by cell
+    (a Jacobian); otherwise axis ``k`` keeps every other axis whole (a smoothness penalty)."""
+    shape = values.shape[2:]
+    out = []
+    for k in range(len(shape)):
+        diff = torch.diff(values, dim=2 + k)
+        if cropped:
+            diff = diff[(slice(None), slice(None)) + tuple(slice(0, n - 1) for n in shape)]
+        out.append(diff)
+    return out
 
 
 def jacobian_matrix(points: torch.Tensor) -> torch.Tensor:
@@ -20,15 +34,8 @@ def jacobian_matrix(points: torch.Tensor) -> torch.Tensor:
     ``points (N, d, *shape)`` -> ``(N, *(shape - 1), d, d)`` with entry ``[..., i, k] = ∂Φ_i/∂x_k``
     in voxels per voxel. Forward differences (rather than central ones) see a single swapped voxel.
     """
-    d = points.shape[1]
-    shape = points.shape[2:]
-    vox = points * voxel_scale(shape, points.device, points.dtype)
-    crop = (slice(None), slice(None)) + tuple(slice(0, n - 1) for n in shape)
-    columns = []
-    for k in range(d):
-        hi = (slice(None), slice(None)) + tuple(slice(1, n) if a == k else slice(0, n - 1) for a, n in enumerate(shape))
-        columns.append(vox[hi] - vox[crop])
-    jac = torch.stack(columns, dim=2)  # (N, d_i, d_k, *shape-1)
+    vox = points * voxel_scale(points.shape[2:], points.device, points.dtype)
+    jac = torch.stack(forward_differences(vox, cropped=True), dim=2)  # (N, d_i, d_k, *shape-1)
     return jac.movedim(1, -1).movedim(1, -1)
 
 

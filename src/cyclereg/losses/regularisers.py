@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from cyclereg.core.coords import identity_grid, voxel_scale
+from cyclereg.core.metrics import forward_differences
 from cyclereg.core.transforms import Transform
 
 __all__ = ["random_points", "inverse_consistency", "gradient_inverse_consistency", "diffusion",
@@ -69,10 +70,7 @@ def diffusion(field: torch.Tensor) -> torch.Tensor:
     loss, so their λ carry over). Zero for a translation."""
     spatial = field.shape[2:]
     vox = field * voxel_scale(spatial, field.device, field.dtype)
-    total = 0
-    for k in range(len(spatial)):
-        total = total + torch.diff(vox, dim=2 + k).pow(2).flatten(1).mean(1)
-    return total / len(spatial)
+    return sum(diff.pow(2).flatten(1).mean(1) for diff in forward_differences(vox)) / len(spatial)
 
 
 class InverseConsistency(nn.Module):
