@@ -1,6 +1,168 @@
 """cyclereg: unsupervised deep deformable image registration with inverse and cycle consistency.
 
-Coordinates and map conventions: :mod:`cyclereg.coords`.
+The Python API has the verbs of the command line::
+
+    model = cyclereg.load_model("runs/brain/model.safetensors")
+    result = cyclereg.register("fixed.nii.gz", "moving.nii.gz", model)   # paths or SimpleITK images
+    result.warped, result.transform, result.jacobian                      # SimpleITK objects
+    result.warp(labels, nearest=True); result.write(warped="w.nii.gz", transform="t.h5")
+    cyclereg.evaluate(model, pairs_csv="pairs.csv")                       # the keys of docs/metrics.md
+    cyclereg.train("configs/mnist5.toml", out="runs/mnist5")
+
+Registration runs without autograd (instance optimisation aside). The layers behind it, lowest first:
+``core`` (coordinates: :mod:`cyclereg.core.coords`), ``io`` and ``losses``, ``models`` and ``data``,
+``registration``, ``evaluation``, ``training``, ``cli``. Importing ``cyclereg`` loads none of them (nor torch).
 """
 
-__version__ = "0.1.0"
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from cyclereg.core.version import __version__
+__all__ = ["load_model", "register", "evaluate", "train", "Model", "Registration"]
+
+
+class Model(NamedTuple):
+    """A loaded model file: the network and its :class:`~cyclereg.models.modelfile.ModelInfo` (config,
+    input shape, preprocessing, training summary). Unpacks as ``network, info``."""
+
+    network: object
+    info: object
+
+
+def load_model(path, device=None) -> Model:
+    """Load a model file (safetensors, no code runs) onto ``device`` (default: CUDA if available)."""
+    import torch
+
+    from cyclereg.models.modelfile import load_model as read
+
+    return Model(*read(path, device or ("cuda" if torch.cuda.is_available() else "cpu")))
+
+
+def _as_model(model) -> Model:
+    from cyclereg.core.errors import UsageError
+
+    if model is None:
+        raise UsageError("register: no model given (model=PATH or a loaded model); no model ships with this version")
+    return model if isinstance(model, Model) else load_model(model)
+
+
+def _tuning(options: dict):
+    """The instance optimisation of ``io_*`` keyword options (the CLI's ``--io-*``), checked."""
+    import dataclasses
+
+    from cyclereg.core.errors import UsageError
+    from cyclereg.registration.tuning import InstanceOptimisation
+
+    names = {f"io_{f.name}" for f in dataclasses.fields(InstanceOptimisation)}
+    unknown = sorted(set(options) - names)
+    if unknown:
+        raise UsageError(f"unknown option {unknown[0]!r}; expected some of passes, device, {', '.join(sorted(names))}")
+    return InstanceOptimisation(**{k[3:]: v for k, v in options.items()})
+
+
+class Registration:
+    """A registered pair: the map from the fixed image's space to the moving image's, at every voxel of
+    the fixed image. Built by :func:`register`."""
+
+    def __init__(self, reg, device):
+        from cyclereg.registration.register import on_fixed_grid
+
+        self._reg, self._device = reg, device
+        self._grid = on_fixed_grid(reg, device)
+
+    @property
+    def fixed(self):
+        return self._reg.pair.fixed
+
+    @property
+    def warped(self):
+        """The moving image on the fixed image's grid (SimpleITK, the moving image's pixel type)."""
+        return self.warp(self._reg.pair.moving)
+
+    def warp(self, image, nearest: bool = False):
+        """Any image of the moving subject's space (path or SimpleITK image) on the fixed grid, with ITK's
+        rules (linear, or ``nearest`` for label maps; 0 outside), keeping its pixel type."""
+        import SimpleITK as sitk
+
+        from cyclereg.io.images import Geometry, read_image, to_image
+        from cyclereg.registration.register import warp_image
+
+        image = image if isinstance(image, sitk.Image) else read_image(image, "image")
+        points = Geometry.of(image).from_physical(self._grid.moving_physical.double())
+        return to_image(warp_image(image, points, nearest), self.fixed, image.GetPixelID())
+
+    @property
+    def transform(self):
+        """The map as an ITK displacement-field transform in physical space (SimpleITK): fixed point
+        plus displacement is the moving point, so ``sitk.Resample(moving, fixed, transform)`` warps."""
+        from cyclereg.io.images import displacement_transform
+
+        return displacement_transform(self._grid.displacement[0], self.fixed)
+
+    @property
+    def jacobian(self):
+        """The Jacobian determinant of the map on the fixed grid (SimpleITK, float32)."""
+        import torch.nn.functional as F
+
+        from cyclereg.io.images import to_image
+
+        det = self._grid.det
+        return to_image(F.pad(det[:, None], [0, 1] * (det.ndim - 1), mode="replicate")[0, 0], self.fixed)
+
+    def write(self, warped=None, transform=None, jacobian=None, warped_labels=None, figure=None) -> dict:
+        """Write the outputs named (as ``cyclereg register`` does); returns the summary (folds, det J range)."""
+        from cyclereg.registration.register import write_outputs
+
+        return write_outputs(self._reg, self._device, warped=warped, transform=transform, jacobian=jacobian,
+                             warped_labels=warped_labels, figure=figure)
+
+
+def register(fixed, moving, model=None, *, moving_labels=None, passes: int = 1, **options) -> Registration:
+    """Register ``moving`` to ``fixed`` (paths or SimpleITK images, 2D or 3D) with ``model`` (a model file's
+    path or :func:`load_model`'s result). ``passes`` and the ``io_*`` options are the CLI's ``--passes``
+    and ``--io-*`` (``io_steps=50``: instance optimisation of the weights; ``io_field_steps``: of the map)."""
+    from cyclereg.core.errors import UsageError
+    from cyclereg.models.registration import Passes
+    from cyclereg.registration.register import read_pair, register_pair
+
+    tuning = _tuning(options)
+    network, info = _as_model(model)
+    if passes < 1:
+        raise UsageError(f"passes: expected at least 1, got {passes}")
+    pair = read_pair(fixed, moving, moving_labels, dim=info.dim, names=("fixed", "moving", "moving_labels"))
+    runner = Passes(network, passes) if passes > 1 else network
+    return Registration(register_pair(runner, info, pair, tuning), next(network.parameters()).device)
+
+
+def evaluate(model, pairs_csv=None, *, labels=None, per_pair=None, dataset=None, root=None, digit=None, size=None,
+             split: str = "heldout", pairs: int = 100, seed: int = 0, passes: int = 1, **options) -> dict:
+    """Score ``model`` on the pairs of ``pairs_csv`` (files in physical space; ``labels``: a list of labels
+    scored), or on ``pairs`` seeded pairs of a dataset (``dataset``: ``"mnist"`` or ``"triangles"``,
+    default the model's). Returns the summary of ``docs/metrics.md``."""
+    from cyclereg.models.registration import Passes
+
+    tuning = _tuning(options)
+    network, info = _as_model(model)
+    runner = Passes(network, passes) if passes > 1 else network
+    if pairs_csv is not None:
+        from cyclereg.evaluation.files import evaluate_csv
+
+        return evaluate_csv(runner, info, pairs_csv, tuning, labels, per_pair, progress=False)
+    from cyclereg.evaluation.datasets import evaluate_dataset
+
+    return evaluate_dataset(runner, info, dataset, root, digit, size, split, pairs, seed, tuning)
+
+
+def train(config, out, *, resume: bool = False, device=None, progress: bool = True, overrides=()):
+    """Train from ``config`` (a TOML path, a dict of its tables, or a :class:`~cyclereg.core.config.Config`)
+    into the folder ``out``; ``overrides`` are ``key=value`` strings (``--set``). Returns the model
+    file's path."""
+    from cyclereg.core.config import Config, apply_overrides, config_from_dict, load_config
+    from cyclereg.training.train import train as run
+
+    if isinstance(config, dict):
+        config = config_from_dict(apply_overrides(config, overrides))
+    elif not isinstance(config, Config):
+        config = load_config(config, overrides)
+    return run(config, out, resume=resume, device=device, progress=progress)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cyclereg import __version__
+from cyclereg.core.version import __version__
 from cyclereg.core.errors import CycleregError, Interrupted
 
 __all__ = ["main"]

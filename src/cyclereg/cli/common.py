@@ -54,7 +54,7 @@ def tuning_of(args):
 
 
 def passes(args, model):
-    """The model run ``--passes`` times (:class:`cyclereg.methods.Passes`)."""
+    """The model run ``--passes`` times (:class:`cyclereg.models.registration.Passes`)."""
     from cyclereg.models.registration import Passes
 
     if args.passes < 1:
@@ -63,7 +63,7 @@ def passes(args, model):
 
 
 def patchwise(args, model, info):
-    """The model run on patches by ``--patch``/``--overlap`` (:class:`cyclereg.multiscale.Patchwise`)."""
+    """The model run on patches by ``--patch``/``--overlap`` (:class:`cyclereg.models.multiscale.Patchwise`)."""
     if not args.patch:
         if args.overlap:
             raise UsageError("--overlap goes with --patch")

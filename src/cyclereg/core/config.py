@@ -1,6 +1,6 @@
 """Training configuration: TOML files read into typed dataclasses, with validation.
 
-Unknown keys, wrong types and out-of-range values raise :class:`~cyclereg.errors.UsageError` naming
+Unknown keys, wrong types and out-of-range values raise :class:`~cyclereg.core.errors.UsageError` naming
 the key. ``--set key=value`` overrides use TOML syntax for the value (``--set model.lam=512``,
 ``--set data.root='"/data/mnist"'`` or simply ``--set data.root=/data/mnist``).
 """

@@ -8,7 +8,7 @@ How the work is shared, so that N processes with ``train.batch_size = B`` comput
 computes with a batch of ``N·B``:
 
 - each process draws only its own part of the global batch, every pair from its own seed
-  (:mod:`cyclereg.loader`: a distributed sampler over random pairs; ``--resume`` stays exact);
+  (:mod:`cyclereg.training.loader`: a distributed sampler over random pairs; ``--resume`` stays exact);
 - gradients are averaged across processes by DistributedDataParallel;
 - the global random generator (random points of the ICON losses, map noise) is seeded per rank, and
   every rank's state goes into the checkpoint;

@@ -2,9 +2,9 @@
 Jacobian determinant.
 
 Arrays are numpy arrays in tensor axis order, without batch or channel dimensions: ``(D, H, W)``
-(z, y, x) in 3D, ``(H, W)`` in 2D, as in :mod:`cyclereg.coords`. ``spacing`` is the voxel size in mm
+(z, y, x) in 3D, ``(H, W)`` in 2D, as in :mod:`cyclereg.core.coords`. ``spacing`` is the voxel size in mm
 in that *same* order (ITK's order, x first, appears only in :func:`_distance_to`). ``spacing=None``
-means 1 mm along every axis. Dice and the determinant itself are in :mod:`cyclereg.metrics`.
+means 1 mm along every axis. Dice and the determinant itself are in :mod:`cyclereg.core.metrics`.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def hd95(a, b, labels, spacing=None, percentile: float = 95.0) -> np.ndarray:
     (not the percentile of the pooled distances).
 
     A label absent from both maps scores NaN (left out of means, as in
-    :func:`cyclereg.metrics.dice_labels`); a label present in only one scores ``inf``, so that a
+    :func:`cyclereg.core.metrics.dice_labels`); a label present in only one scores ``inf``, so that a
     lost structure shows in a mean instead of being dropped.
     """
     a, b = np.asarray(a), np.asarray(b)
@@ -90,14 +90,14 @@ def log_jacobian_std(det) -> float:
     """Standard deviation (numpy's, ``ddof=0``) of ``log det J`` over the voxels where ``det > 0``;
     folded voxels (``det <= 0``) have no logarithm and are left out (count them with
     :func:`folded_percent`). ``det`` is one image's determinant of any shape, e.g. an item of
-    :func:`cyclereg.metrics.jacobian_determinant`. NaN when no voxel has ``det > 0``."""
+    :func:`cyclereg.core.metrics.jacobian_determinant`. NaN when no voxel has ``det > 0``."""
     det = np.asarray(det, dtype=np.float64).ravel()
     positive = det[det > 0]
     return float(np.std(np.log(positive))) if positive.size else math.nan
 
 
 def folded_percent(det) -> float:
-    """Percentage of voxels with ``det <= 0``, the folds of :func:`cyclereg.metrics.folded`. NaN for an
+    """Percentage of voxels with ``det <= 0``, the folds of :func:`cyclereg.core.metrics.folded`. NaN for an
     empty ``det``."""
     det = np.asarray(det, dtype=np.float64)
     return float(100.0 * np.count_nonzero(folded(det)) / det.size) if det.size else math.nan

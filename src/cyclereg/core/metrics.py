@@ -1,6 +1,6 @@
 """Measures of a registration: Jacobian determinant, folds, Dice, inverse-consistency error.
 
-Maps are points on a grid, as in :mod:`cyclereg.coords`; derivatives are taken in voxel units so
+Maps are points on a grid, as in :mod:`cyclereg.core.coords`; derivatives are taken in voxel units so
 that the identity has Jacobian determinant 1 on any grid.
 """
 

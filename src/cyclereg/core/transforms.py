@@ -1,6 +1,6 @@
 """Transforms as functions of points, and warping.
 
-Coordinates follow :mod:`cyclereg.coords` (points ``(N, d, *S)`` in ``[0, 1]``, component ``k``
+Coordinates follow :mod:`cyclereg.core.coords` (points ``(N, d, *S)`` in ``[0, 1]``, component ``k``
 along tensor axis ``k``, maps pull back from fixed to moving). A transform is called on points and
 returns points; it is evaluated internally in displacement form (``Φ(x) = x + D(x)``) so that
 compositions and inverse-consistency residuals never subtract two nearly equal coordinates.

@@ -1,6 +1,6 @@
 """Seeded data augmentation for training from few scans, with the ground-truth map of each pair.
 
-Images are ``(N, C, *spatial)`` in 2D or 3D and maps pull back (:mod:`cyclereg.coords`). Every random
+Images are ``(N, C, *spatial)`` in 2D or 3D and maps pull back (:mod:`cyclereg.core.coords`). Every random
 draw comes from a CPU ``torch.Generator`` passed in, so a run is reproducible and resumable; random
 numbers are drawn on the CPU and then moved to the images' device.
 """
@@ -56,7 +56,7 @@ class AffineMap(Transform):
 
 def random_affine_map(n: int, dim: int, strength: float, generator: torch.Generator, device=None,
                       dtype=torch.float32) -> AffineMap:
-    """A random affine map (the one :func:`cyclereg.data.random_affine` warps with): ``p -> (I + s·E)(p - c) + c + t``
+    """A random affine map (the one :func:`cyclereg.data.datasets.random_affine` warps with): ``p -> (I + s·E)(p - c) + c + t``
     about the centre ``c``, ``E`` standard normal ``d × d``, ``t`` normal of std ``s / 2`` (domain units).
     Keep ``strength`` small (about 0.1 or less) so that ``I + s·E`` stays well conditioned."""
     matrix = torch.eye(dim) + strength * torch.randn(n, dim, dim, generator=generator)

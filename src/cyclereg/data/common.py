@@ -34,7 +34,7 @@ def intensity_range(cfg) -> tuple[float, float]:
 
 
 def preprocessing(cfg):
-    """The :class:`~cyclereg.preprocess.Preprocessing` of a :class:`~cyclereg.config.DataConfig`."""
+    """The :class:`~cyclereg.io.preprocess.Preprocessing` of a :class:`~cyclereg.core.config.DataConfig`."""
     from cyclereg.io.preprocess import Preprocessing
 
     if cfg.dataset != "folder":

@@ -1,7 +1,7 @@
 """Data: the triangles & circles generator of the ICON paper, an MNIST reader for the standard IDX
 files, and seeded random pairs.
 
-Images are float32 tensors ``(N, 1, H, W)`` (see :mod:`cyclereg.coords`).
+Images are float32 tensors ``(N, 1, H, W)`` (see :mod:`cyclereg.core.coords`).
 """
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ def random_affine(images: torch.Tensor, strength: float, generator: torch.Genera
 
     The map is ``p -> (I + strength·E)(p - c) + c + t`` with ``E`` standard normal ``d × d``
     (rotation, scaling and shear together) and ``t`` normal of standard deviation ``strength / 2``
-    in the ``[0, 1]`` domain (:mod:`cyclereg.coords`); parameters are drawn from ``generator``.
+    in the ``[0, 1]`` domain (:mod:`cyclereg.core.coords`); parameters are drawn from ``generator``.
     """
     from cyclereg.data.augment import random_affine_map
     from cyclereg.core.transforms import warp
@@ -112,7 +112,7 @@ def random_affine(images: torch.Tensor, strength: float, generator: torch.Genera
 
 
 def dataset_images(cfg, split: str = "train", n_test: int = 0) -> torch.Tensor:
-    """Images of a :class:`~cyclereg.config.DataConfig` for ``split``:
+    """Images of a :class:`~cyclereg.core.config.DataConfig` for ``split``:
 
     * ``train``: what training sees (MNIST: the digit's training images minus the held-out tail);
     * ``heldout``: images never trained on (MNIST: the last ``holdout`` fraction of the training
@@ -168,8 +168,8 @@ class ImageSet:
 
 
 def training_data(cfg):
-    """Training data of a :class:`~cyclereg.config.DataConfig`: ``.shape``, ``.preprocess``,
-    ``.pair(generator) -> (moving, fixed)`` (one pair; batches: :mod:`cyclereg.loader`),
+    """Training data of a :class:`~cyclereg.core.config.DataConfig`: ``.shape``, ``.preprocess``,
+    ``.pair(generator) -> (moving, fixed)`` (one pair; batches: :mod:`cyclereg.training.loader`),
     ``.heldout() -> (moving, fixed)`` and ``.summary()``."""
     if cfg.dataset == "folder":
         from cyclereg.data.volumes import ScanSet

@@ -1,7 +1,7 @@
 """Training on scans: a folder (or a CSV) of images, all prepared on one model grid, with seeded
 augmentation that makes a training population even from a single scan.
 
-The model grid is that of the atlas (``data.atlas``) or of the first scan (:mod:`cyclereg.preprocess`);
+The model grid is that of the atlas (``data.atlas``) or of the first scan (:mod:`cyclereg.io.preprocess`);
 every scan is resampled onto it in physical space, so scans must be affinely aligned to each other.
 Pairs are inter-subject (two different scans; with a single scan, the scan with itself) or
 all-to-atlas. With four scans or more the last ``data.holdout`` fraction is kept out for validation;

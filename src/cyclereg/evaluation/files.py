@@ -97,7 +97,7 @@ def evaluate_csv(model, info, csv_path, tuning: InstanceOptimisation = NO_IO, la
     """Score every pair of ``csv_path``; write the per-pair table to ``per_pair`` (CSV) if given and
     return the summary (means over pairs).
 
-    With a :class:`~cyclereg.distributed.Context` of several processes (``torchrun``), each scores
+    With a :class:`~cyclereg.core.distributed.Context` of several processes (``torchrun``), each scores
     rows ``rank, rank + world, ...``; rank 0 gathers them, writes and returns the summary, the
     others return None. An error on any rank stops every rank with that error."""
     from cyclereg.core.distributed import Context

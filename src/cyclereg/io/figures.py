@@ -14,7 +14,7 @@ __all__ = ["pairs_figure", "draw_grid"]
 
 
 def draw_grid(ax, points: np.ndarray, lines: int = 16, color_rows="tab:red", color_cols="tab:blue") -> None:
-    """Draw a map ``points (2, H, W)`` (coords in ``[0, 1]``, see :mod:`cyclereg.coords`) as a deformed grid.
+    """Draw a map ``points (2, H, W)`` (coords in ``[0, 1]``, see :mod:`cyclereg.core.coords`) as a deformed grid.
 
     Where the map pulls back, the deformed grid lines are the level sets of the map's components:
     the curves of the fixed image that the map sends to straight rows and columns of the moving image.

@@ -2,7 +2,7 @@
 and an image's physical space.
 
 Tensor axes are the reverse of ITK's index axes: an ITK image of size ``(x, y[, z])`` becomes a tensor
-``(1, 1, [z,] y, x)`` (:mod:`cyclereg.coords`). Physical points are ITK's (LPS, ``x, y, z`` order).
+``(1, 1, [z,] y, x)`` (:mod:`cyclereg.core.coords`). Physical points are ITK's (LPS, ``x, y, z`` order).
 A domain coordinate ``u`` (tensor order, ``[0, 1]``) of an image is the physical point
 ``origin + direction @ diag(spacing) @ reversed(u * (size - 1))``.
 """
@@ -26,7 +26,8 @@ import torch
 from cyclereg.core.atomic import atomic_path
 from cyclereg.core.errors import DataError
 
-__all__ = ["read_image", "image_to_tensor", "Geometry", "write_image", "read_transform", "write_displacement"]
+__all__ = ["read_image", "image_to_tensor", "Geometry", "to_image", "write_image", "read_transform", "write_displacement",
+           "displacement_transform"]
 
 # Orientation is handled once, by SimpleITK: NIfTI headers hold RAS coordinates and SimpleITK turns
 # them into ITK's LPS when reading (and back when writing); everything in cyclereg is LPS.
@@ -238,23 +239,24 @@ def _apply_affine(matrix: np.ndarray, offset: np.ndarray, points: torch.Tensor) 
     return torch.einsum("ij,nj...->ni...", m, points) + o
 
 
-def write_image(path, array, reference: sitk.Image, pixel_id=None) -> None:
-    """Write ``array`` (tensor order) with ``reference``'s geometry, atomically.
-
-    ``pixel_id`` (a SimpleITK pixel type) casts the result, with rounding and clipping for integer
-    types; formats that hold only 8-bit data (PNG, JPEG, BMP) get ``sitkUInt8``.
-    """
+def to_image(array, reference: sitk.Image, pixel_id=None) -> sitk.Image:
+    """``array`` (tensor order) as a SimpleITK image with ``reference``'s geometry; ``pixel_id`` (a
+    SimpleITK pixel type) casts it, with rounding and clipping for integer types."""
     data = np.asarray(array.detach().cpu() if isinstance(array, torch.Tensor) else array)
-    suffix = "".join(Path(path).suffixes).lower()
-    if suffix.endswith((".png", ".jpg", ".jpeg", ".bmp")):
-        pixel_id = sitk.sitkUInt8
     if pixel_id is not None and pixel_id not in (sitk.sitkFloat32, sitk.sitkFloat64):
         info = np.iinfo(sitk.GetArrayViewFromImage(sitk.Image([1] * reference.GetDimension(), pixel_id)).dtype)
         data = np.clip(np.rint(data), info.min, info.max)
     image = sitk.GetImageFromArray(data.astype(np.float32))
     image.CopyInformation(reference)
-    if pixel_id is not None:
-        image = sitk.Cast(image, pixel_id)
+    return sitk.Cast(image, pixel_id) if pixel_id is not None else image
+
+
+def write_image(path, array, reference: sitk.Image, pixel_id=None) -> None:
+    """Write ``array`` (tensor order) with ``reference``'s geometry, atomically (:func:`to_image`);
+    formats that hold only 8-bit data (PNG, JPEG, BMP) get ``sitkUInt8``."""
+    if "".join(Path(path).suffixes).lower().endswith((".png", ".jpg", ".jpeg", ".bmp")):
+        pixel_id = sitk.sitkUInt8
+    image = to_image(array, reference, pixel_id)
     with atomic_path(path) as tmp:
         sitk.WriteImage(image, str(tmp))
 
@@ -284,12 +286,21 @@ def write_displacement(path, displacement: torch.Tensor, reference: sitk.Image) 
     holds floats, as ANTs writes its warps: half the bytes, and 1.8 s less to gzip a 1 mm brain's
     field on this project's CPU, while float32 resolves a displacement to 1e-5 mm."""
     suffix = "".join(Path(path).suffixes).lower()
-    transform_file = suffix.endswith((".h5", ".hdf5", ".tfm", ".txt"))
-    array = displacement.detach().cpu().to(torch.float64 if transform_file else torch.float32).movedim(0, -1).numpy()
-    field = sitk.GetImageFromArray(array, isVector=True)
+    if suffix.endswith((".h5", ".hdf5", ".tfm", ".txt")):
+        result = displacement_transform(displacement, reference)
+        with atomic_path(path) as tmp:
+            sitk.WriteTransform(result, str(tmp))
+        return
+    field = sitk.GetImageFromArray(displacement.detach().cpu().float().movedim(0, -1).numpy(), isVector=True)
     field.CopyInformation(reference)
     with atomic_path(path) as tmp:
-        if transform_file:
-            sitk.WriteTransform(sitk.DisplacementFieldTransform(field), str(tmp))
-        else:
-            sitk.WriteImage(field, str(tmp))
+        sitk.WriteImage(field, str(tmp))
+
+
+def displacement_transform(displacement: torch.Tensor, reference: sitk.Image) -> sitk.DisplacementFieldTransform:
+    """A physical displacement field ``(d, *spatial)`` on ``reference``'s grid as an ITK
+    displacement-field transform (doubles, as ITK needs)."""
+    array = displacement.detach().cpu().to(torch.float64).movedim(0, -1).numpy()
+    field = sitk.GetImageFromArray(array, isVector=True)
+    field.CopyInformation(reference)
+    return sitk.DisplacementFieldTransform(field)

@@ -7,7 +7,7 @@ is resampled onto this grid *in physical space* with SimpleITK (so a moving imag
 spacing or orientation lands where it belongs; the images are expected to be affinely aligned, as for
 any deformable registration). Without a model spacing the model grid is the reference image's own
 grid (synthetic 2D data, whose pixels have no physical size). The model's map lives on the model
-grid's ``[0, 1]`` domain (:mod:`cyclereg.coords`); :mod:`cyclereg.register` carries it back to the
+grid's ``[0, 1]`` domain (:mod:`cyclereg.core.coords`); :mod:`cyclereg.registration.register` carries it back to the
 fixed image's own grid.
 
 Intensities are clamped and scaled to the model's range ``[low, high]``: ``minmax`` (the image's

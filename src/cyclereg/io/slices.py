@@ -3,7 +3,7 @@ slice of a 2D image) of the fixed, moving and warped moving images, their differ
 a deformed grid and label maps as overlays.
 
 Arrays are numpy arrays in tensor axis order without batch or channel dimensions, as in
-:mod:`cyclereg.coords`; ``spacing`` is in that order too.
+:mod:`cyclereg.core.coords`; ``spacing`` is in that order too.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def orthogonal_slices_figure(path, fixed, moving, warped, points=None, fixed_lab
     or the one slice of a 2D image; in each panel, rows of pixels follow the first remaining tensor
     axis, top to bottom. Columns: fixed, moving, warped moving, ``|warped - fixed|`` and, when
     ``points`` is given, the warped slice with the map drawn as a deformed grid
-    (:func:`cyclereg.figures.draw_grid`: contours of the two in-plane components of the map on the
+    (:func:`cyclereg.io.figures.draw_grid`: contours of the two in-plane components of the map on the
     slice). ``fixed_labels`` and ``warped_labels`` are drawn as coloured overlays on the fixed and
     warped panels.
 

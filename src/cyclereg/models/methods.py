@@ -116,7 +116,7 @@ METHODS = {
 
 
 def settings_from_config(model_cfg, lam: float | None = None) -> LossSettings:
-    """The loss settings of a :class:`~cyclereg.config.ModelConfig` (``lam`` overrides λ)."""
+    """The loss settings of a :class:`~cyclereg.core.config.ModelConfig` (``lam`` overrides λ)."""
     m = model_cfg
     return LossSettings(m.method, m.similarity, m.lam if lam is None else lam, m.noise, m.sigma, m.window, m.alpha, m.beta)
 

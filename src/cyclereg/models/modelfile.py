@@ -3,7 +3,7 @@
 Header keys (all strings, as safetensors stores them): ``format`` (``"cyclereg-model"``),
 ``format_version``, ``cyclereg_version``, ``config`` (the training config as JSON), ``dim``,
 ``shape`` (the model grid's shape in training, tensor order), ``preprocess`` (the preprocessing of
-:class:`~cyclereg.preprocess.Preprocessing` as JSON: intensity normalisation, model spacing, padding)
+:class:`~cyclereg.io.preprocess.Preprocessing` as JSON: intensity normalisation, model spacing, padding)
 ``training`` (what the model was trained on and for how long, as JSON; absent in older files) and
 ``weights_sha256``. Format version 1 (before ``preprocess``) had ``intensity``, the input range.
 The format is described for users in ``docs/model_format.md``.
@@ -20,7 +20,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from cyclereg import __version__
+from cyclereg.core.version import __version__
 from cyclereg.core.atomic import atomic_path
 from cyclereg.core.config import Config, config_from_dict
 from cyclereg.core.errors import CycleregError, DataError, UsageError

@@ -5,7 +5,7 @@ patches at full resolution, the patch fields blended into one smooth field.
 The blend weights are a smooth bump per patch (a raised cosine that is zero at the patch border
 and positive inside), normalised by their sum: a point's displacement is a convex combination of
 the patches that cover it, with weights that vary smoothly, so no seam appears at patch borders.
-Coordinates follow :mod:`cyclereg.coords`.
+Coordinates follow :mod:`cyclereg.core.coords`.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def refine_in_patches(step, moving: torch.Tensor, fixed: torch.Tensor, patch, ov
 
     ``step(moving_patch, fixed_patch)`` returns a :class:`DisplacementField` in the patch's own
     ``[0, 1]`` domain; it is rescaled to the whole image's domain before blending. A step reads its
-    network in voxels (:class:`cyclereg.methods.Step`), so a network trained on whole images predicts
+    network in voxels (:class:`cyclereg.models.registration.Step`), so a network trained on whole images predicts
     the same displacements on a patch.
     """
     shape = tuple(fixed.shape[2:])
@@ -104,7 +104,7 @@ class Patchwise(nn.Module):
 
 def random_patches(global_model, moving: torch.Tensor, fixed: torch.Tensor, patch):
     """Training pairs for a model's local steps (CycleMorph's local refinement): the moving images
-    warped by ``global_model`` (its global steps, :func:`cyclereg.methods.split_steps`) on the
+    warped by ``global_model`` (its global steps, :func:`cyclereg.models.registration.split_steps`) on the
     whole images, then one random patch of ``patch`` voxels per pair, at the same place in both.
 
     Corners are drawn from torch's global generator, so a resumed run draws the same patches.

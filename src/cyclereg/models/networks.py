@@ -1,8 +1,8 @@
 """Registration networks, chosen by name from :data:`NETWORKS`.
 
 Every network takes the pair ``(moving, fixed)`` concatenated into ``(N, 2, *spatial)`` and returns
-a displacement field ``(N, d, *spatial)`` in voxels of its input grid (:class:`cyclereg.methods.Step`
-turns it into the domain units of :mod:`cyclereg.coords`). The last
+a displacement field ``(N, d, *spatial)`` in voxels of its input grid (:class:`cyclereg.models.registration.Step`
+turns it into the domain units of :mod:`cyclereg.core.coords`). The last
 layer is zero-initialised, so an untrained network predicts the identity map. One class serves 2D
 and 3D: the dimension picks the layer types.
 """

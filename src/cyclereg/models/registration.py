@@ -39,11 +39,11 @@ class Step(nn.Module):
     The network's output is read in voxels of the grid it sees (``units="voxels"``) and turned into
     domain units here. A convolutional network sees shifts in voxels, so it then predicts the same
     field whatever the grid's extent: on a scan with a larger field of view, or on a patch
-    (:mod:`cyclereg.multiscale`). It also keeps Adam's steps on the output layer small in domain
+    (:mod:`cyclereg.models.multiscale`). It also keeps Adam's steps on the output layer small in domain
     units. ``units="domain"`` reads the output as domain units, as model files before format 3 did.
 
     With ``svf=True`` the output is a stationary velocity field and the step's map is its exponential
-    (scaling and squaring, :func:`~cyclereg.transforms.exp_velocity`, on the grid the network sees):
+    (scaling and squaring, :func:`~cyclereg.core.transforms.exp_velocity`, on the grid the network sees):
     a diffeomorphism by construction, whose inverse is the exponential of the negated output."""
 
     def __init__(self, network: nn.Module, factor: int = 1, units: str = "voxels", svf: bool = False):

@@ -21,7 +21,7 @@ __all__ = ["instance_optimisation", "tuned_maps", "register_tensors"]
 @contextlib.contextmanager
 def instance_optimisation(model, moving, fixed, settings: LossSettings, tuning: InstanceOptimisation):
     """Fine-tune ``model`` on one pair as ``tuning`` says (batch norm in evaluation mode), yield it, then
-    restore the original weights whatever happens. A model run in :class:`~cyclereg.methods.Passes`
+    restore the original weights whatever happens. A model run in :class:`~cyclereg.models.registration.Passes`
     is fine-tuned as trained: one pass."""
     trained = model.model if isinstance(model, Passes) else model
     if tuning.steps and tuning.downsample > 1:

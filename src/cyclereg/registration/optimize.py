@@ -33,7 +33,7 @@ class PairFields(nn.Module):
         self.register_buffer("scale", voxel_scale(shape), persistent=False)
 
     def in_domain(self) -> torch.Tensor:
-        """Both fields in the domain units of :mod:`cyclereg.coords`."""
+        """Both fields in the domain units of :mod:`cyclereg.core.coords`."""
         return self.fields / self.scale
 
     def forward(self, moving, fixed):

@@ -10,7 +10,7 @@ with a 9-voxel box window (:func:`~cyclereg.losses.lncc_box`) and the diffusion 
 size). ``R`` lives on a grid ``downsample`` times coarser than the model grid and is interpolated
 linearly onto it, which keeps it smooth and makes a step cheap. It is stored in voxels of the model
 grid, so Adam's step ``lr`` is in voxels; the step decays to zero along a cosine, so the field ends
-still rather than jittering by about ``lr`` (see :mod:`cyclereg.optimize`).
+still rather than jittering by about ``lr`` (see :mod:`cyclereg.registration.optimize`).
 
 Why a box window and not the Gaussian LNCC the brain models train with: on the brain benchmark's
 pairs, LNCC with σ = 2 voxels scored the true field (0.677) barely below the network's map (0.686),

@@ -1,7 +1,7 @@
 """Registering one pair: files in, a map in physical space, files out on the fixed image's grid.
 
-Both images are resampled onto the fixed image's model grid (:mod:`cyclereg.preprocess`); the model's
-map ``Φ`` lives on that grid's ``[0, 1]`` domain (:mod:`cyclereg.coords`). To carry it back, every
+Both images are resampled onto the fixed image's model grid (:mod:`cyclereg.io.preprocess`); the model's
+map ``Φ`` lives on that grid's ``[0, 1]`` domain (:mod:`cyclereg.core.coords`). To carry it back, every
 voxel ``x`` of the fixed image is taken to physical space, into the model grid's domain, through
 ``Φ``, and back to a physical point ``y``: ``y - x`` is the ITK displacement field (fixed point plus
 displacement = moving point), and the moving image is sampled at ``y`` with ITK's rules (linear or
@@ -49,10 +49,16 @@ class Pair:
 
 
 def read_pair(fixed, moving, moving_labels=None, dim: int | None = None, names=("--fixed", "--moving", "--moving-labels")) -> Pair:
-    """Read and check a pair of image files (and the moving image's labels). ``dim`` is the model's
-    dimension; ``names`` are the options (or CSV columns) that errors name beside the files."""
-    fixed_img, moving_img = read_image(fixed, names[0]), read_image(moving, names[1])
-    labels_img = read_image(moving_labels, names[2]) if moving_labels else None
+    """Read and check a pair of image files (and the moving image's labels), or take SimpleITK images
+    as they are. ``dim`` is the model's dimension; ``names`` are the options (or CSV columns) that
+    errors name beside the files."""
+    def image(source, role):
+        return source if isinstance(source, sitk.Image) else read_image(source, role)
+
+    fixed_img, moving_img = image(fixed, names[0]), image(moving, names[1])
+    labels_img = image(moving_labels, names[2]) if moving_labels is not None else None
+    fixed, moving, moving_labels = (x if not isinstance(x, sitk.Image) else "(a SimpleITK image)"
+                                    for x in (fixed, moving, moving_labels))
     expected = dim or fixed_img.GetDimension()
     for role, path, img in zip(names, (fixed, moving, moving_labels), (fixed_img, moving_img, labels_img)):
         if img is not None and img.GetDimension() != expected:

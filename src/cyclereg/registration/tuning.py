@@ -17,12 +17,12 @@ class InstanceOptimisation:
     registers, ``steps`` Adam steps of rate ``lr`` on its training loss.
 
     ``downsample`` > 1 tunes only the model's leading steps downsampled by a multiple of it, on the
-    pair downsampled by it (:func:`~cyclereg.methods.coarse_view`); the finer steps run as trained.
+    pair downsampled by it (:func:`~cyclereg.models.registration.coarse_view`); the finer steps run as trained.
     A step then costs about ``downsample^-d`` of one on the model grid: on the brain recipe's 2 mm
     model (``configs/brain3d_fine.toml``), a step of the whole model took 10.5 s on this project's
     2-core CPU, a step with ``downsample = 2`` 1.1 s.
 
-    ``field_steps`` > 0 then refines the map itself (:func:`~cyclereg.refine.refine_map`): a smooth
+    ``field_steps`` > 0 then refines the map itself (:func:`~cyclereg.registration.refine.refine_map`): a smooth
     residual field on a grid ``field_downsample`` times coarser than the model grid, Adam's step
     ``field_lr`` in voxels, diffusion weight ``field_weight``."""
 

@@ -7,7 +7,7 @@ A run writes into its output folder:
   after a stop or a crash (even ``kill -9``) ends with the weights of an uninterrupted run, bit for
   bit on CPU.
 - ``log.jsonl``: loss terms and validation scores.
-- ``model.safetensors`` at the end (:mod:`cyclereg.modelfile`).
+- ``model.safetensors`` at the end (:mod:`cyclereg.models.modelfile`).
 """
 
 from __future__ import annotations
@@ -185,7 +185,7 @@ def train(cfg: Config, out, resume: bool = False, device=None, progress: bool = 
     """Train the model described by ``cfg`` into folder ``out``; returns the model file's path.
 
     Started by ``torchrun``, every process runs this and they train one model together
-    (:mod:`cyclereg.distributed`); ``train.batch_size`` is then the batch of each process."""
+    (:mod:`cyclereg.core.distributed`); ``train.batch_size`` is then the batch of each process."""
     with distributed.session(torch.device(device) if device else None) as ctx:
         return _train(cfg, Path(out), resume, ctx, progress and ctx.main)
 
