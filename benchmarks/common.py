@@ -1,10 +1,12 @@
-"""Shared helpers for the benchmarks: machine description and appending to BENCHMARKS.md."""
+"""The benchmarks' shared harness: machine description, commit, and the record of every run (the history,
+``benchmarks/history.md``) from which the current results, ``BENCHMARKS.md``, are rewritten."""
 
 from __future__ import annotations
 
 import datetime
 import os
 import platform
+import re
 import subprocess
 from pathlib import Path
 
@@ -39,16 +41,65 @@ def commit() -> str:
 _COMMIT_AT_START = commit()  # the code that runs is the code at start, whatever is edited meanwhile
 
 
+HEADER = ("# Benchmarks: current results\n\nThe latest run of each benchmark, written by `benchmarks/common.py` from the "
+          "log of every run, `benchmarks/history.md`; never edited by hand. Every table row carries the date and "
+          "commit of the run it comes from. Runs dated before 2026-12-01 predate the losses' alignment with the "
+          "authors' (issue 17): their GradICON term was 2d times icon_registration's, so their λ are not today's.\n")
+_STAMP = re.compile(r"^(\d{4}-\d{2}-\d{2}) \d{2}:\d{2} UTC; .*; commit (\S+)$")
+
+
 def append_report(title: str, body: str, path: Path | None = None) -> None:
-    """Append a dated section (machine, commit at the script's start) to BENCHMARKS.md (or to the file
-    named by ``CYCLEREG_BENCHMARKS``, for a benchmark run from a separate clone of the repository)."""
-    path = Path(path or os.environ.get("CYCLEREG_BENCHMARKS") or ROOT / "BENCHMARKS.md")
+    """Record a run: append a dated section (machine, commit at the script's start) to the history
+    (``benchmarks/history.md`` beside the results file), then rewrite the results file (``BENCHMARKS.md``,
+    or the file named by ``CYCLEREG_BENCHMARKS`` for a run from a separate clone) from it."""
+    results = Path(path or os.environ.get("CYCLEREG_BENCHMARKS") or ROOT / "BENCHMARKS.md")
+    history = results.parent / "benchmarks" / "history.md"
+    history.parent.mkdir(parents=True, exist_ok=True)
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    section = f"\n## {title}\n\n{stamp}; {machine()}; commit {_COMMIT_AT_START}\n\n{body.rstrip()}\n"
-    if not path.exists():
-        path.write_text("# Benchmarks\n\nAppended by the scripts in `benchmarks/`; never edited by hand.\n")
-    with path.open("a") as f:
-        f.write(section)
+    if not history.exists():
+        history.write_text("# Benchmark history\n\nEvery run of the scripts in `benchmarks/`, appended; never edited by hand.\n")
+    with history.open("a") as f:
+        f.write(f"\n## {title}\n\n{stamp}; {machine()}; commit {_COMMIT_AT_START}\n\n{body.rstrip()}\n")
+    write_current(history, results)
+
+
+def _sections(text: str) -> list[tuple[str, str]]:
+    """``(title, section)`` of every ``## `` section of a history, in order."""
+    parts = re.split(r"^## ", text, flags=re.M)[1:]
+    return [(part.split("\n", 1)[0].strip(), "## " + part.rstrip() + "\n") for part in parts]
+
+
+def _dated_rows(section: str) -> str:
+    """The section with ``date`` and ``commit`` columns added to each of its tables' rows."""
+    lines = section.splitlines()
+    date = commit = "?"
+    for line in lines:
+        if (m := _STAMP.match(line)):
+            date, commit = m.groups()
+            break
+    out = []
+    for i, line in enumerate(lines):
+        table = line.startswith("|") and line.rstrip().endswith("|")
+        if not table:
+            out.append(line)
+        elif set(line.replace("|", "").strip()) <= set("-: "):  # the separator under a header
+            out.append(line + "---|---|")
+        elif i + 1 < len(lines) and set(lines[i + 1].replace("|", "").strip()) <= set("-: ") and lines[i + 1].startswith("|"):
+            out.append(line + " date | commit |")  # a header row
+        else:
+            out.append(line + f" {date} | {commit} |")
+    return "\n".join(out) + "\n"
+
+
+def write_current(history: Path, results: Path) -> None:
+    """Rewrite ``results`` from ``history``: for each benchmark (section title), its latest run, in the
+    order the benchmarks first appeared."""
+    sections = _sections(history.read_text())
+    latest = dict(sections)  # a later run of a benchmark replaces the earlier ones
+    body = "\n".join(_dated_rows(latest[title]) for title in dict.fromkeys(t for t, _ in sections))
+    tmp = results.with_name(results.name + ".tmp")
+    tmp.write_text(HEADER + "\n" + body)
+    tmp.replace(results)
 
 
 def train_and_score(raw_config: dict, pairs: int = 200, split_seed: int = 1):

@@ -154,3 +154,35 @@ def test_direct_optimisation_steps_are_in_voxels():
         phi_ab, _, _ = optimize_pair(moving, fixed, LossSettings("icon", "mse", lam=1.0), steps=1, lr=0.5)
         in_voxels = phi_ab.field * torch.tensor([size - 1.0, size - 1.0]).view(1, 2, 1, 1)
         assert abs(float(in_voxels.abs().max()) - 0.5) < 1e-3, size
+
+
+def test_optimize_pair_leaves_the_global_generator_as_it_was():
+    moving, fixed = _pair(16)
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    optimize_pair(moving, fixed, LossSettings("icon", "mse", lam=1.0), steps=3, generator_seed=5)
+    assert torch.equal(torch.get_rng_state(), before)
+    a = optimize_pair(moving, fixed, LossSettings("icon", "mse", lam=1.0), steps=3, generator_seed=5)[0].field
+    b = optimize_pair(moving, fixed, LossSettings("icon", "mse", lam=1.0), steps=3, generator_seed=5)[0].field
+    torch.testing.assert_close(a, b)  # its own points are still seeded
+
+
+def test_instance_optimisation_uses_the_lambda_of_the_last_training_stage(monkeypatch):
+    from cyclereg.core.config import config_from_dict
+    from cyclereg.io.preprocess import Preprocessing
+    from cyclereg.models.modelfile import ModelInfo, build_from_info
+    from cyclereg.registration import instance
+    from cyclereg.registration.tuning import InstanceOptimisation
+
+    from conftest import tiny_config_dict
+
+    cfg = config_from_dict(tiny_config_dict(model__lam=64.0, train__stages=[{"fraction": 0.5, "lam": 8.0},
+                                                                             {"fraction": 0.5, "lam": 512.0}]))
+    assert cfg.final_lam() == 512.0 and cfg.stage_lams() == [8.0, 512.0]
+    info = ModelInfo(cfg, (16, 16), Preprocessing(range=(-1.0, 1.0)))
+    seen = []
+    real = instance.instance_optimisation
+    monkeypatch.setattr(instance, "instance_optimisation", lambda m, a, b, settings, t: seen.append(settings.lam) or real(m, a, b, settings, t))
+    image = torch.rand(1, 1, 16, 16)
+    instance.tuned_maps(build_from_info(info).eval(), info, image, image.flip(-1), InstanceOptimisation(1, 1e-3))
+    assert seen == [512.0]
