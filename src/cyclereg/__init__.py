@@ -19,7 +19,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from cyclereg.core.version import __version__
-__all__ = ["load_model", "register", "evaluate", "train", "Model", "Registration"]
+__all__ = ["__version__", "load_model", "register", "evaluate", "train", "Model", "Registration"]
 
 
 class Model(NamedTuple):

@@ -1,0 +1,177 @@
+"""Real brains of different people, each in its own scanner space: every directed pair of the held-out
+labelled subjects, whole 1 mm images, files in and out, side by side in one run.
+
+Rows: no registration; ANTs Affine (antspyx ``type_of_transform="Affine"``, its defaults; skipped with a
+note when antspyx is not installed, see requirements-reference.txt) and, with ``--syn``, ANTs SyN;
+``cyclereg affine`` with NCC and with MI. Columns: Dice over ``brain/eval_labels.txt`` (warped moving
+aseg, nearest neighbour, against the fixed aseg), HD95 (mm), % of brain voxels (fixed aseg > 0) with
+det J <= 0, SDlogJ there, seconds per pair (the command's wall time, files in and out), peak memory of
+the command (RSS). A figure of the first pair: fixed, moving, after affine.
+
+    python benchmarks/real_brains.py [--syn] [--pairs N]
+
+The held-out subjects (``HELD_OUT``) are kept out of all training (issue 19 uses the same ones).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import ROOT, SHARED, append_report  # noqa: E402
+
+HELD_OUT = ("fs01", "adni_like", "niivue")  # labelled, three different sources
+BRAINS = SHARED / "brains"
+
+
+def _labels() -> list[int]:
+    return [int(v) for v in (SHARED / "brain" / "eval_labels.txt").read_text().split()]
+
+
+_WRAP = ("import resource, subprocess, sys; code = subprocess.run(sys.argv[1:]).returncode; "
+         "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); sys.exit(code)")
+
+
+def _run(argv) -> tuple[float, float]:
+    """Wall seconds and peak RSS (GiB) of a command, run under a fresh wrapper process so that the peak
+    is that command's alone."""
+    t0 = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", _WRAP, *map(str, argv)], capture_output=True, text=True)
+    seconds = time.perf_counter() - t0
+    if done.returncode:
+        raise RuntimeError(f"{' '.join(map(str, argv))} failed: {done.stderr.strip()[-500:]}")
+    return seconds, int(done.stderr.strip().splitlines()[-1]) / 2**20
+
+
+def _scores(fixed_aseg: sitk.Image, warped_aseg: sitk.Image, det: float | np.ndarray, labels) -> dict:
+    from cyclereg.core.label_metrics import hd95, log_jacobian_std
+
+    a, b = sitk.GetArrayFromImage(warped_aseg), sitk.GetArrayFromImage(fixed_aseg)
+    present = [lab for lab in labels if (b == lab).any()]
+    dice = [2 * np.count_nonzero((a == lab) & (b == lab)) / max(1, np.count_nonzero(a == lab) + np.count_nonzero(b == lab))
+            for lab in present]
+    spacing = tuple(reversed(fixed_aseg.GetSpacing()))
+    dist = hd95(a, b, present, spacing)
+    brain = b > 0
+    det = np.broadcast_to(np.asarray(det, dtype=np.float64), brain.shape)[brain]
+    return {"dice": float(np.mean(dice)), "hd95": float(np.mean(dist[np.isfinite(dist)])),
+            "folded": float(100 * np.count_nonzero(det <= 0) / det.size), "sdlogj": log_jacobian_std(det)}
+
+
+def _cyclereg_affine(fixed: Path, moving: Path, out: Path, similarity: str):
+    seconds, peak = _run([sys.executable, "-m", "cyclereg", "affine", "--fixed", fixed, "--moving", moving,
+                          "--transform", out / "affine.tfm", "--warped", out / "warped.nii.gz", "--similarity", similarity])
+    transform = sitk.ReadTransform(str(out / "affine.tfm"))
+    det = float(np.linalg.det(np.array(sitk.AffineTransform(transform).GetMatrix()).reshape(3, 3)))
+    return transform, det, seconds, peak
+
+
+def _ants(fixed: Path, moving: Path, out: Path, kind: str):
+    script = f"""
+import ants, SimpleITK as sitk
+f, m = ants.image_read({str(fixed)!r}), ants.image_read({str(moving)!r})
+r = ants.registration(f, m, type_of_transform={kind!r})
+ants.image_write(r["warpedmovout"], {str(out / 'warped.nii.gz')!r})
+if {kind!r} != "Affine":
+    ants.image_write(ants.create_jacobian_determinant_image(f, r["fwdtransforms"][0]), {str(out / 'jacobian.nii.gz')!r})
+import json; json.dump(r["fwdtransforms"], open({str(out / 'transforms.json')!r}, "w"))
+"""
+    seconds, peak = _run([sys.executable, "-c", script])
+    transforms = json.loads((out / "transforms.json").read_text())
+    affine = sitk.AffineTransform(sitk.ReadTransform(transforms[-1]))  # ANTs' .mat: an ITK affine transform
+    det = float(np.linalg.det(np.array(affine.GetMatrix()).reshape(3, 3)))  # constant; SyN: times its warp's
+    if kind != "Affine":
+        det = det * sitk.GetArrayFromImage(sitk.ReadImage(str(out / "jacobian.nii.gz")))
+    return transforms, det, seconds, peak
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--syn", action="store_true", help="also ANTs SyN (about two minutes a pair)")
+    p.add_argument("--pairs", type=int, default=None, help="only the first N directed pairs")
+    args = p.parse_args()
+    labels = _labels()
+    pairs = list(itertools.permutations(HELD_OUT, 2))[: args.pairs]
+    try:
+        import ants
+    except ImportError:
+        ants = None
+    have_ants = ants is not None
+    methods = ["none", "cyclereg affine (NCC)", "cyclereg affine (MI)"]
+    if have_ants:
+        methods[1:1] = ["ANTs Affine"] + (["ANTs SyN"] if args.syn else [])
+    results = {m: [] for m in methods}
+    figure_done = False
+    for fixed_name, moving_name in pairs:
+        fixed, moving = BRAINS / f"{fixed_name}_t1.nii.gz", BRAINS / f"{moving_name}_t1.nii.gz"
+        fixed_aseg, moving_aseg = (sitk.ReadImage(str(BRAINS / f"{n}_aseg.nii.gz")) for n in (fixed_name, moving_name))
+        results["none"].append({**_scores(fixed_aseg, sitk.Resample(moving_aseg, fixed_aseg, sitk.Transform(),
+                                                                       sitk.sitkNearestNeighbor, 0), 1.0, labels),
+                                "seconds": 0.0, "peak": 0.0})
+        for method in methods[1:]:
+            with tempfile.TemporaryDirectory() as tmp:
+                out = Path(tmp)
+                if method.startswith("cyclereg"):
+                    transform, det, seconds, peak = _cyclereg_affine(fixed, moving, out, "mi" if "MI" in method else "ncc")
+                    warped_aseg = sitk.Resample(moving_aseg, fixed_aseg, transform, sitk.sitkNearestNeighbor, 0)
+                    if not figure_done and "NCC" in method:
+                        _figure(fixed, moving, out / "warped.nii.gz", f"{moving_name} to {fixed_name}")
+                        figure_done = True
+                else:
+                    transforms, det, seconds, peak = _ants(fixed, moving, out, "Affine" if method == "ANTs Affine" else "SyN")
+                    warped = ants.apply_transforms(ants.image_read(str(fixed)), ants.image_read(str(BRAINS / f"{moving_name}_aseg.nii.gz")),
+                                                   transforms, interpolator="nearestNeighbor")
+                    ants.image_write(warped, str(out / "warped_aseg.nii.gz"))
+                    warped_aseg = sitk.ReadImage(str(out / "warped_aseg.nii.gz"))
+                results[method].append({**_scores(fixed_aseg, warped_aseg, det, labels), "seconds": seconds, "peak": peak})
+            print(method, fixed_name, moving_name, results[method][-1], flush=True)
+    rows = []
+    reference = np.mean([r["seconds"] for r in results.get("ANTs Affine", [])]) if have_ants else None
+    for method in methods:
+        r = results[method]
+        mean = {k: float(np.mean([x[k] for x in r])) for k in r[0]}
+        ratio = f"{reference / mean['seconds']:.1f}×" if reference and mean["seconds"] > 0 else "–"
+        rows.append(f"| {method} | {mean['dice']:.3f} | {mean['hd95']:.2f} | {mean['folded']:.3f} | {mean['sdlogj']:.3f} | "
+                    f"{mean['seconds']:.1f} | {ratio} | {mean['peak']:.2f} |")
+    note = "" if have_ants else " antspyx was not installed: no ANTs rows in this run."
+    body = (f"Held-out subjects {', '.join(HELD_OUT)}: {len(pairs)} directed pairs, whole 1 mm images, files in and out; "
+            f"Dice over brain/eval_labels.txt; folds and SDlogJ over the fixed aseg's brain.{note} Figure of the first "
+            "pair: `docs/real_brains_affine.png`.\n\n| registration | Dice | HD95 (mm) | % det J ≤ 0 | SDlogJ | s/pair | "
+            "speed-up over ANTs Affine | peak memory (GiB) |\n|---|---|---|---|---|---|---|---|\n" + "\n".join(rows))
+    print(body)
+    append_report("Real brains, inter-subject, in their own scanner spaces (benchmarks/real_brains.py)", body)
+
+
+def _figure(fixed: Path, moving: Path, warped: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    f = sitk.ReadImage(str(fixed))
+    m_on_f = sitk.Resample(sitk.ReadImage(str(moving)), f, sitk.Transform(), sitk.sitkLinear, 0)
+    images = [sitk.GetArrayFromImage(x) for x in (f, m_on_f, sitk.ReadImage(str(warped)))]
+    fig, axes = plt.subplots(1, 3, figsize=(9, 3.4))
+    for ax, image, name in zip(axes, images, ("fixed", "moving (no registration)", "after cyclereg affine")):
+        ax.imshow(image[image.shape[0] // 2], cmap="gray")
+        ax.set_title(name, fontsize=9)
+        ax.axis("off")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(ROOT / "docs" / "real_brains_affine.png", dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()

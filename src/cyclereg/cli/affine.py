@@ -1,0 +1,52 @@
+"""``cyclereg affine``: affine registration of a pair of scans in physical space, an ITK transform out."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+from cyclereg.cli.common import check_outputs, device_of
+from cyclereg.core.errors import UsageError
+
+
+def add(sub) -> None:
+    af = sub.add_parser("affine", help="align a moving image to a fixed image affinely (translation, rigid, affine)")
+    af.add_argument("--fixed", required=True, help="fixed image")
+    af.add_argument("--moving", required=True, help="moving image")
+    af.add_argument("--transform", required=True, help="ITK affine transform out (.tfm, .txt, .h5): fixed points to moving points")
+    af.add_argument("--warped", help="the moving image resampled onto the fixed image's grid with it")
+    af.add_argument("--similarity", choices=["ncc", "mi"], default="ncc",
+                    help="ncc for one contrast, mi (mutual information) for two (default: %(default)s)")
+    af.add_argument("--steps", type=int, default=60, help="Adam steps per stage and resolution (default: %(default)s)")
+    af.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    af.set_defaults(run=run)
+
+
+def run(args) -> int:
+    import SimpleITK as sitk
+
+    from cyclereg.core.atomic import atomic_path
+    from cyclereg.io.images import read_image
+    from cyclereg.registration.affine import affine_register
+
+    if args.steps < 1:
+        raise UsageError(f"--steps: expected at least 1, got {args.steps}")
+    check_outputs({"--transform": args.transform, "--warped": args.warped})
+    fixed, moving = read_image(args.fixed, "--fixed"), read_image(args.moving, "--moving")
+    t0 = time.perf_counter()
+    result = affine_register(fixed, moving, args.similarity, steps=args.steps, device=device_of(args.device),
+                             names=(f"--fixed {args.fixed}", f"--moving {args.moving}"))
+    seconds = time.perf_counter() - t0
+    if result.kept_start:
+        print(f"cyclereg: affine: the optimisation ended worse ({args.similarity} cost {result.cost:.4g} on the finest "
+              "grid) than where it started; the start is kept", file=sys.stderr)
+    transform = result.transform()
+    with atomic_path(args.transform) as tmp:
+        sitk.WriteTransform(transform, str(tmp))
+    if args.warped:
+        warped = sitk.Resample(moving, fixed, transform, sitk.sitkLinear, 0.0, moving.GetPixelID())
+        with atomic_path(args.warped) as tmp:
+            sitk.WriteImage(warped, str(tmp))
+    print(json.dumps({**result.summary(), "seconds": seconds}))
+    return 0
