@@ -117,14 +117,13 @@ def _box(mask: sitk.Image, name: str, margin: float) -> tuple[np.ndarray, np.nda
 
 def _crop(image: sitk.Image, low: np.ndarray, high: np.ndarray) -> sitk.Image:
     """The image cut to the index region that covers the physical box (any direction matrix)."""
-    d = image.GetDimension()
     corners = [image.TransformPhysicalPointToContinuousIndex([float(v) for v in corner])
                for corner in itertools.product(*zip(low, high))]
     lo = np.clip(np.floor(np.min(corners, 0)).astype(int), 0, None)
     hi = np.minimum(np.ceil(np.max(corners, 0)).astype(int), np.array(image.GetSize()) - 1)
     if np.any(hi < lo):
         return image
-    return sitk.RegionOfInterest(image, (hi - lo + 1).tolist(), lo.tolist()) if d else image
+    return sitk.RegionOfInterest(image, (hi - lo + 1).tolist(), lo.tolist())
 
 
 def _resample(image: sitk.Image, low: np.ndarray, high: np.ndarray, spacing: float, nearest: bool = False) -> sitk.Image:
