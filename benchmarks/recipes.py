@@ -24,10 +24,12 @@ import cyclereg  # noqa: E402
 
 
 def _training(run: Path) -> dict:
-    """Steps, wall time and λ of a run, from its log."""
+    """Steps, wall time and λ of a run, from its log; a resumed run's clock restarts, so the time is the
+    sum over its segments."""
     records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if line.strip()]
     steps = [r for r in records if "loss" in r]
-    return {"steps": steps[-1]["step"], "hours": steps[-1]["seconds"] / 3600, "lam": steps[-1].get("lam")}
+    seconds = sum(a["seconds"] for a, b in zip(steps, steps[1:] + [None]) if b is None or b["seconds"] < a["seconds"])
+    return {"steps": steps[-1]["step"], "hours": seconds / 3600, "lam": steps[-1].get("lam")}
 
 
 def main() -> None:
