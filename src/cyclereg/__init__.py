@@ -103,12 +103,9 @@ class Registration:
     @property
     def jacobian(self):
         """The Jacobian determinant of the map on the fixed grid (SimpleITK, float32)."""
-        import torch.nn.functional as F
-
         from cyclereg.io.images import to_image
 
-        det = self._grid.det
-        return to_image(F.pad(det[:, None], [0, 1] * (det.ndim - 1), mode="replicate")[0, 0], self.fixed)
+        return to_image(self._grid.det_per_voxel(), self.fixed)
 
     def write(self, warped=None, transform=None, jacobian=None, warped_labels=None, figure=None) -> dict:
         """Write the outputs named (as ``cyclereg register`` does); returns the summary (folds, det J range)."""

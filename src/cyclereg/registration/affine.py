@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from cyclereg.core.errors import DataError, UsageError
+from cyclereg.losses import ncc as global_ncc
 
 __all__ = ["AffineResult", "affine_register", "to_itk", "SIMILARITIES"]
 
@@ -47,18 +48,15 @@ class _Grid:
     spacing: float
 
     def __post_init__(self):
-        """Keep at most ``POINTS`` foreground voxels (a seeded sample) to score maps with."""
+        """Keep at most ``POINTS`` foreground voxels (a seeded sample) to score maps with, and their
+        physical points ``(M, d)`` (x, y, z)."""
         flat = torch.nonzero(self.mask.reshape(-1))[:, 0]
         if flat.numel() > POINTS:
             keep = torch.randperm(flat.numel(), generator=torch.Generator().manual_seed(0))[:POINTS]
             flat = flat[keep.to(flat.device)].sort().values
         self.chosen = flat
-
-    def points(self) -> torch.Tensor:
-        """Physical points ``(M, d)`` of the chosen foreground voxels."""
-        shape = self.values.shape[2:]
-        index = torch.stack(torch.unravel_index(self.chosen, shape), 1).to(self.origin.dtype).flip(-1)  # -> x, y, z
-        return self.origin + index * self.spacing
+        index = torch.stack(torch.unravel_index(flat, self.values.shape[2:]), 1).to(self.origin.dtype).flip(-1)
+        self.points = self.origin + index * self.spacing
 
     def chosen_values(self) -> torch.Tensor:
         return self.values.reshape(-1)[self.chosen]
@@ -139,10 +137,10 @@ def _resample(image: sitk.Image, low: np.ndarray, high: np.ndarray, spacing: flo
                          low.tolist(), [spacing] * d, np.eye(d).ravel().tolist(), 0.0, sitk.sitkFloat32)
 
 
-def _pyramid(image: sitk.Image, spacings, device, name: str) -> list[_Grid]:
+def _pyramid(image: sitk.Image, spacings, device, name: str, mask_image: sitk.Image | None = None) -> list[_Grid]:
     """The image's foreground box on each grid (fine to coarse resampled from one another), returned
-    coarse to fine."""
-    mask_image = _foreground(image)
+    coarse to fine. ``mask_image``: its :func:`_foreground`, if already found."""
+    mask_image = _foreground(image) if mask_image is None else mask_image
     low, high = _box(mask_image, name, 2 * max(spacings))
     source, grids = _crop(image, low, high), []
     for s in sorted(spacings):
@@ -159,9 +157,8 @@ def _pyramid(image: sitk.Image, spacings, device, name: str) -> list[_Grid]:
 
 
 def ncc(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``1 − NCC`` of two value vectors (0 for an affine intensity relation)."""
-    a, b = a - a.mean(), b - b.mean()
-    return 1 - (a * b).mean() / (a.pow(2).mean() * b.pow(2).mean()).sqrt().clamp(min=1e-12)
+    """``1 − NCC`` of two value vectors (:func:`cyclereg.losses.ncc`, 0 for an affine intensity relation)."""
+    return global_ncc(a[None], b[None])[0]
 
 
 def _bspline3(x: torch.Tensor) -> torch.Tensor:
@@ -215,10 +212,10 @@ class _Params(torch.nn.Module):
         return self.start @ _rotation(self.omega, self.d) @ (eye + self.linear)
 
 
-def _cost(params: _Params, centre, fixed: _Grid, moving: _Grid, similarity, points=None):
+def _cost(params: _Params, centre, fixed: _Grid, moving: _Grid, similarity):
     """The similarity of the fixed foreground and the moving image at the mapped points (those inside it);
     None when fewer than 16 points land inside."""
-    points = fixed.points() if points is None else points
+    points = fixed.points
     mapped = (points - centre) @ params.matrix().T + centre + params.shift
     values, inside = moving.sample(mapped)
     if int(inside.sum()) < 16:
@@ -234,9 +231,8 @@ def _optimise(params: _Params, centre, fixed: _Grid, moving: _Grid, similarity, 
         groups.append({"params": [params.linear], "lr": 0.01})
     optimiser = torch.optim.Adam(groups)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=steps)
-    points = fixed.points()
     for _ in range(steps):
-        loss = _cost(params, centre, fixed, moving, similarity, points)
+        loss = _cost(params, centre, fixed, moving, similarity)
         if loss is None:
             break
         optimiser.zero_grad(set_to_none=True)
@@ -248,7 +244,7 @@ def _optimise(params: _Params, centre, fixed: _Grid, moving: _Grid, similarity, 
 def _moments(grid: _Grid) -> tuple[torch.Tensor, torch.Tensor]:
     """Centre of mass and principal axes (columns, by decreasing variance) of the foreground's shape, not of
     its intensities, which another contrast would weigh otherwise."""
-    points = grid.points().double()
+    points = grid.points.double()
     centre = points.mean(0)
     offsets = points - centre
     cov = offsets.T @ offsets / len(points)
@@ -302,10 +298,10 @@ def to_itk(matrix, centre, translation) -> sitk.AffineTransform:
     return out
 
 
-def default_spacings(fixed: sitk.Image) -> tuple[float, ...]:
+def default_spacings(fixed: sitk.Image, mask: sitk.Image | None = None) -> tuple[float, ...]:
     """Grid spacings, coarse to fine, scaled to the fixed image's foreground: its largest extent over 24,
     48 and 96 (8, 4 and 2 mm for a 190 mm head), never finer than the image's own spacing."""
-    low, high = _box(_foreground(fixed), "the fixed image", 0.0)
+    low, high = _box(_foreground(fixed) if mask is None else mask, "the fixed image", 0.0)
     extent, voxel = float(np.max(high - low)), min(fixed.GetSpacing())
     return tuple(dict.fromkeys(max(extent / k, voxel) for k in (24, 48, 96)))
 
@@ -318,8 +314,9 @@ def affine_register(fixed: sitk.Image, moving: sitk.Image, similarity: str = "nc
     if fixed.GetDimension() != moving.GetDimension():
         raise DataError(f"{names[1]} is {moving.GetDimension()}D but {names[0]} is {fixed.GetDimension()}D")
     cost_fn = SIMILARITIES[similarity]
-    spacings = tuple(spacings or default_spacings(fixed))
-    f_grids = _pyramid(fixed, spacings, device, names[0])
+    fixed_mask = _foreground(fixed)
+    spacings = tuple(spacings or default_spacings(fixed, fixed_mask))
+    f_grids = _pyramid(fixed, spacings, device, names[0], fixed_mask)
     m_grids = _pyramid(moving, spacings, device, names[1])
     d = fixed.GetDimension()
     c_f, c_m, rotations = _candidates(f_grids[0], m_grids[0])

@@ -113,6 +113,10 @@ class OnFixedGrid:
     def displacement(self) -> torch.Tensor:
         return self.moving_physical - self.fixed_physical
 
+    def det_per_voxel(self) -> torch.Tensor:
+        """``det`` on every voxel of the fixed image (the last cell's value repeated at the far edges)."""
+        return F.pad(self.det[:, None], [0, 1] * (self.det.ndim - 1), mode="replicate")[0, 0]
+
 
 @torch.no_grad()
 def map_physical(reg: Registration, points: torch.Tensor) -> torch.Tensor:
@@ -179,8 +183,7 @@ def write_outputs(reg: Registration, device=None, warped=None, transform=None, j
                                  spacing=tuple(reversed(g_fixed.spacing)),
                                  title=f"folds {summary['folds']}, det J in [{summary['jacobian_min']:.2f}, {summary['jacobian_max']:.2f}]")
     if jacobian:
-        padded = F.pad(det[:, None], [0, 1] * (det.ndim - 1), mode="replicate")[0, 0]
-        write_image(jacobian, padded, pair.fixed, None)
+        write_image(jacobian, grid.det_per_voxel(), pair.fixed, None)
     if transform:
         write_displacement(transform, grid.displacement[0], pair.fixed)
     return summary
