@@ -276,7 +276,7 @@ def test_register_with_an_identity_model_is_the_identity_in_physical_space(pair_
     out_t, out_j, out_w = tmp_path / "t.nii.gz", tmp_path / "jac.mha", tmp_path / "w.mha"
     code, _, err = run_cli(capsys, "register", "--model", model_path, "--fixed", pair_files["fixed"],
                            "--moving", pair_files["moving"], "--transform", out_t, "--jacobian", out_j,
-                           "--warped", out_w, "--device", "cpu")
+                           "--warped", out_w, "--device", "cpu", "--affine", "none")
     assert code == 0, err
     fixed = sitk.ReadImage(str(pair_files["fixed"]))
     moving = sitk.ReadImage(str(pair_files["moving"]))
@@ -520,7 +520,8 @@ def test_register_on_patches_with_a_two_step_model(two_step_model, tmp_path, pai
     """``--patch`` runs the second step on blended patches: one patch covering the model grid gives
     the whole-image result; smaller patches give a valid map; wrong options are named."""
     model = two_step_model
-    base = ["register", "--model", model, "--fixed", pair_files["fixed"], "--moving", pair_files["moving"], "--device", "cpu"]
+    base = ["register", "--model", model, "--fixed", pair_files["fixed"], "--moving", pair_files["moving"], "--device", "cpu",
+            "--affine", "none"]
     outputs = {}
     for name, extra in (("whole", []), ("one patch", ["--patch", "64", "64"]), ("patches", ["--patch", "10", "12", "--overlap", "4", "4"])):
         out = tmp_path / f"{name}.nii.gz"
@@ -533,7 +534,8 @@ def test_register_on_patches_with_a_two_step_model(two_step_model, tmp_path, pai
     csv = tmp_path / "pairs.csv"  # a CSV of pairs runs on patches too, with the same result
     csv.write_text(f"fixed,moving,name\n{pair_files['fixed']},{pair_files['moving']},p\n")
     code, _, err = run_cli(capsys, "register", "--model", model, "--pairs-csv", csv, "--out-dir", tmp_path,
-                           "--outputs", "transform", "--patch", "10", "12", "--overlap", "4", "4", "--device", "cpu")
+                           "--outputs", "transform", "--patch", "10", "12", "--overlap", "4", "4", "--device", "cpu",
+                           "--affine", "none")
     assert code == 0, err
     h5 = sitk.ReadTransform(str(tmp_path / "p_transform.h5"))
     field = sitk.GetArrayFromImage(sitk.DisplacementFieldTransform(h5).GetDisplacementField())

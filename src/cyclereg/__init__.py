@@ -94,11 +94,28 @@ class Registration:
 
     @property
     def transform(self):
-        """The map as an ITK displacement-field transform in physical space (SimpleITK): fixed point
-        plus displacement is the moving point, so ``sitk.Resample(moving, fixed, transform)`` warps."""
-        from cyclereg.io.images import displacement_transform
+        """The whole map in physical space as a SimpleITK transform, fixed points to moving points, so
+        ``sitk.Resample(moving, fixed, transform)`` warps: the composite of the affine transform and the
+        model's displacement field (or the field alone with ``affine="none"``)."""
+        from cyclereg.registration.register import map_transform
 
-        return displacement_transform(self._grid.displacement[0], self.fixed)
+        return map_transform(self._reg, self._grid)
+
+    @property
+    def affine(self):
+        """The affine stage's transform (SimpleITK, fixed points to moving points), or None."""
+        return self._reg.pair.affine
+
+    @property
+    def inverse(self):
+        """The inverse map, moving points to fixed points (SimpleITK): the affine's inverse, then the
+        model's reverse map (one more network run)."""
+        from cyclereg.io.transforms import displacement_transform
+        from cyclereg.registration.register import inverse_composite, inverse_displacement
+
+        if self._reg.pair.affine is not None:
+            return inverse_composite(self._reg, self._device)
+        return displacement_transform(inverse_displacement(self._reg, self._device), self._reg.pair.moving)
 
     @property
     def jacobian(self):
@@ -107,35 +124,42 @@ class Registration:
 
         return to_image(self._grid.det_per_voxel(), self.fixed)
 
-    def write(self, warped=None, transform=None, jacobian=None, warped_labels=None, figure=None) -> dict:
+    def write(self, warped=None, transform=None, jacobian=None, warped_labels=None, figure=None,
+              transform_inverse=None) -> dict:
         """Write the outputs named (as ``cyclereg register`` does); returns the summary (folds, det J range)."""
         from cyclereg.registration.register import write_outputs
 
         return write_outputs(self._reg, self._device, warped=warped, transform=transform, jacobian=jacobian,
-                             warped_labels=warped_labels, figure=figure)
+                             warped_labels=warped_labels, figure=figure, transform_inverse=transform_inverse)
 
 
-def register(fixed, moving, model=None, *, moving_labels=None, passes: int = 1, **options) -> Registration:
+def register(fixed, moving, model=None, *, moving_labels=None, passes: int = 1, affine="auto",
+             affine_similarity: str = "ncc", **options) -> Registration:
     """Register ``moving`` to ``fixed`` (paths or SimpleITK images, 2D or 3D) with ``model`` (a model file's
-    path or :func:`load_model`'s result). ``passes`` and the ``io_*`` options are the CLI's ``--passes``
-    and ``--io-*`` (``io_steps=50``: instance optimisation of the weights; ``io_field_steps``: of the map)."""
+    path or :func:`load_model`'s result), after the affine stage: ``affine`` is ``"auto"``, ``"none"``, a
+    transform file or a SimpleITK transform (the CLI's ``--affine``). ``passes`` and the ``io_*`` options
+    are the CLI's ``--passes`` and ``--io-*`` (``io_steps=50``: instance optimisation of the weights;
+    ``io_field_steps``: of the map)."""
     from cyclereg.core.errors import UsageError
     from cyclereg.models.registration import Passes
-    from cyclereg.registration.register import read_pair, register_pair
+    from cyclereg.registration.register import align, read_pair, register_pair
 
     tuning = _tuning(options)
     network, info = _as_model(model)
     if passes < 1:
         raise UsageError(f"passes: expected at least 1, got {passes}")
+    device = next(network.parameters()).device
     pair = read_pair(fixed, moving, moving_labels, dim=info.dim, names=("fixed", "moving", "moving_labels"))
+    pair = align(pair, affine, affine_similarity, device, option="affine")
     runner = Passes(network, passes) if passes > 1 else network
-    return Registration(register_pair(runner, info, pair, tuning), next(network.parameters()).device)
+    return Registration(register_pair(runner, info, pair, tuning), device)
 
 
 def evaluate(model, pairs_csv=None, *, labels=None, per_pair=None, dataset=None, root=None, digit=None, size=None,
-             split: str = "heldout", pairs: int = 100, seed: int = 0, passes: int = 1, **options) -> dict:
+             split: str = "heldout", pairs: int = 100, seed: int = 0, passes: int = 1, affine: str = "auto",
+             affine_similarity: str = "ncc", **options) -> dict:
     """Score ``model`` on the pairs of ``pairs_csv`` (files in physical space; ``labels``: a list of labels
-    scored), or on ``pairs`` seeded pairs of a dataset (``dataset``: ``"mnist"`` or ``"triangles"``,
+    scored; each pair after the affine stage, ``affine``: ``"auto"`` or ``"none"``), or on ``pairs`` seeded pairs of a dataset (``dataset``: ``"mnist"`` or ``"triangles"``,
     default the model's). Returns the summary of ``docs/metrics.md``."""
     from cyclereg.models.registration import Passes
 
@@ -145,7 +169,8 @@ def evaluate(model, pairs_csv=None, *, labels=None, per_pair=None, dataset=None,
     if pairs_csv is not None:
         from cyclereg.evaluation.files import evaluate_csv
 
-        return evaluate_csv(runner, info, pairs_csv, tuning, labels, per_pair, progress=False)
+        return evaluate_csv(runner, info, pairs_csv, tuning, labels, per_pair, progress=False, affine=affine,
+                            affine_similarity=affine_similarity)
     from cyclereg.evaluation.datasets import evaluate_dataset
 
     return evaluate_dataset(runner, info, dataset, root, digit, size, split, pairs, seed, tuning)

@@ -31,6 +31,24 @@ def add_io_options(parser):
                         "(default: %(default)s)")
 
 
+def add_affine_options(parser, pairs_csv: bool = True) -> None:
+    """The affine stage that runs before the model (:func:`cyclereg.registration.register.align`)."""
+    extra = "; with --pairs-csv, auto or none, and a column 'affine' names a file per pair" if pairs_csv else ""
+    parser.add_argument("--affine", default="auto", help="affine pre-alignment first: auto (find it), none (the images "
+                        f"are aligned already), or an ITK affine transform file, fixed points to moving points{extra} "
+                        "(default: %(default)s)")
+    parser.add_argument("--affine-similarity", choices=["ncc", "mi"], default="ncc",
+                        help="--affine auto: ncc for one contrast, mi (mutual information) for two (default: %(default)s)")
+
+
+def csv_affine(args) -> str:
+    """``--affine`` for a pairs CSV: one mode for every pair (files go in the CSV's column)."""
+    if args.affine not in ("auto", "none"):
+        raise UsageError(f"--affine {args.affine}: with --pairs-csv, expected auto or none; name a transform file "
+                         "per pair in a column 'affine' of the CSV")
+    return args.affine
+
+
 def load(args, device=None):
     """The model of ``--model`` on its device, compiled first with ``--compile`` (time on stderr)."""
     from cyclereg.models.registration import compile_networks

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from cyclereg.cli.common import PASSES_HELP, add_io_options, device_of, load, passes, tuning_of
+from cyclereg.cli.common import PASSES_HELP, add_affine_options, add_io_options, csv_affine, device_of, load, passes, tuning_of
 from cyclereg.core.errors import UsageError
 
 
@@ -17,11 +17,12 @@ def add(sub) -> None:
                     help="mnist: 'heldout' (training file's images kept out of training; default), 'test' (t10k files) or 'train'")
     ev.add_argument("--digit", type=int, default=None, help="mnist digit (default: the model's)")
     ev.add_argument("--size", type=int, default=None, help="triangles: image size (default: the model's)")
-    ev.add_argument("--pairs-csv", default=None, help="CSV with columns fixed, moving[, fixed_labels, moving_labels]")
+    ev.add_argument("--pairs-csv", default=None, help="CSV with columns fixed, moving[, fixed_labels, moving_labels, affine]")
     ev.add_argument("--labels", default=None, help="--pairs-csv: labels scored (a file with one per line, or 2,3,4; default: all in the fixed labels)")
     ev.add_argument("--per-pair", default=None, help="--pairs-csv: write the per-pair scores to this CSV")
     ev.add_argument("--pairs", type=int, default=100, help="number of random pairs (default: %(default)s)")
     ev.add_argument("--seed", type=int, default=0)
+    add_affine_options(ev)
     add_io_options(ev)
     ev.add_argument("--passes", type=int, default=1, help=PASSES_HELP)
     ev.add_argument("--json", default=None, help="write the summary here")
@@ -44,12 +45,13 @@ def run(args) -> int:
         from cyclereg.core import distributed
         from cyclereg.evaluation.files import evaluate_csv, parse_labels
 
-        labels = parse_labels(args.labels)
+        labels, affine = parse_labels(args.labels), csv_affine(args)
         with distributed.session(device_of(args.device)) as ctx:  # under torchrun: the pairs are split across processes
             model, info = load(args, ctx.device)
             model = passes(args, model)
             summary = evaluate_csv(model, info, args.pairs_csv, tuning=tuning,
-                                   labels=labels, per_pair=args.per_pair, ctx=ctx)
+                                   labels=labels, per_pair=args.per_pair, ctx=ctx, affine=affine,
+                                   affine_similarity=args.affine_similarity)
         if summary is None:  # not rank 0: rank 0 reports
             return 0
     else:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 
-from cyclereg.cli.common import PASSES_HELP, add_io_options, check_outputs, device_of, load, passes, patchwise, tuning_of
+from cyclereg.cli.common import (PASSES_HELP, add_affine_options, add_io_options, check_outputs, csv_affine, device_of, load, passes,
+                                 patchwise, tuning_of)
 from cyclereg.core.errors import UsageError
 
 
@@ -18,13 +19,18 @@ def add(sub) -> None:
                                          "split across processes")
     rg.add_argument("--out-dir", help="--pairs-csv: folder for NAME_warped.nii.gz, NAME_transform.h5, ...")
     rg.add_argument("--outputs", default="warped,transform",
-                    help="--pairs-csv: which outputs, of warped,transform,jacobian,figure (default: %(default)s)")
+                    help="--pairs-csv: which outputs, of warped,transform,transform_inverse,jacobian,figure (default: %(default)s)")
     rg.add_argument("--warped", help="warped moving image (fixed image's grid)")
-    rg.add_argument("--transform", help="ITK displacement-field transform (.h5, .tfm) or vector image (.nii.gz, .mha)")
+    rg.add_argument("--transform", help="the whole map, fixed points to moving points: an ITK transform file (.h5, .tfm; "
+                    "a composite of the affine and the displacement field) or one displacement field, the affine folded in "
+                    "(.nii.gz, .mha)")
+    rg.add_argument("--transform-inverse", help="the inverse map, moving points to fixed points (the affine's inverse and "
+                    "the model's reverse map), as --transform")
     rg.add_argument("--moving-labels", help="label map of the moving image")
     rg.add_argument("--warped-labels", help="warped label map (nearest neighbour, same pixel type)")
     rg.add_argument("--jacobian", help="Jacobian determinant map")
     rg.add_argument("--figure", help="PNG of orthogonal slices: fixed, moving, warped, difference, deformed grid")
+    add_affine_options(rg)
     add_io_options(rg)
     rg.add_argument("--passes", type=int, default=1, help=PASSES_HELP)
     rg.add_argument("--patch", type=int, nargs="+", help="two-step models: run the second step on overlapping "
@@ -36,7 +42,8 @@ def add(sub) -> None:
     rg.set_defaults(run=run)
 
     wp = sub.add_parser("warp", help="apply a saved transform to an image of the moving subject")
-    wp.add_argument("--transform", required=True, help="transform written by register --transform")
+    wp.add_argument("--transform", required=True, help="transform written by register --transform or --transform-inverse "
+                    "(a transform file or a displacement field image), or any ITK transform")
     wp.add_argument("--moving", required=True, help="image to warp")
     wp.add_argument("--fixed", required=True, help="image whose grid the output takes")
     wp.add_argument("--out", required=True, help="warped image")
@@ -52,14 +59,16 @@ def run(args) -> int:
         return register_pairs_csv(args)
     if not args.fixed or not args.moving:
         raise UsageError("register needs --fixed and --moving, or --pairs-csv with --out-dir")
-    check_outputs({"--warped": args.warped, "--transform": args.transform, "--warped-labels": args.warped_labels,
-                    "--jacobian": args.jacobian, "--figure": args.figure})
+    check_outputs({"--warped": args.warped, "--transform": args.transform, "--transform-inverse": args.transform_inverse,
+                   "--warped-labels": args.warped_labels, "--jacobian": args.jacobian, "--figure": args.figure})
     tuning = tuning_of(args)
     model, info = load(args)
     model = passes(args, patchwise(args, model, info))
     summary = register_files(model, info, args.fixed, args.moving, warped=args.warped, transform=args.transform,
                              jacobian=args.jacobian, moving_labels=args.moving_labels,
-                             warped_labels=args.warped_labels, tuning=tuning, figure=args.figure)
+                             warped_labels=args.warped_labels, tuning=tuning, figure=args.figure,
+                             transform_inverse=args.transform_inverse, affine=args.affine,
+                             affine_similarity=args.affine_similarity)
     print(json.dumps(summary))
     return 0
 
@@ -68,18 +77,19 @@ def register_pairs_csv(args) -> int:
     from cyclereg.core import distributed
     from cyclereg.registration.register import register_csv
 
-    if args.fixed or args.moving or args.warped or args.transform or args.jacobian or args.figure:
+    if args.fixed or args.moving or args.warped or args.transform or args.transform_inverse or args.jacobian or args.figure:
         raise UsageError("--pairs-csv replaces --fixed, --moving and the single-pair outputs; use --out-dir and --outputs")
     if not args.out_dir:
         raise UsageError("--pairs-csv needs --out-dir")
-    tuning = tuning_of(args)
+    tuning, affine = tuning_of(args), csv_affine(args)
     # Under torchrun the pairs are split across processes; they never need to talk, so no process group.
     ctx = distributed.environment(device_of(args.device))
     model, info = load(args, ctx.device)
     model = passes(args, patchwise(args, model, info))
     outputs = [o.strip() for o in args.outputs.split(",") if o.strip()]
     for summary in register_csv(model, info, args.pairs_csv, args.out_dir, outputs, tuning,
-                                ctx.rank, ctx.world, progress=ctx.main):
+                                ctx.rank, ctx.world, progress=ctx.main, affine=affine,
+                                affine_similarity=args.affine_similarity):
         print(json.dumps(summary), flush=True)
     return 0
 

@@ -26,8 +26,7 @@ import torch
 from cyclereg.core.atomic import atomic_path
 from cyclereg.core.errors import DataError
 
-__all__ = ["read_image", "image_to_tensor", "Geometry", "to_image", "write_image", "read_transform", "write_displacement",
-           "displacement_transform"]
+__all__ = ["read_image", "image_to_tensor", "Geometry", "Reframed", "to_image", "write_image"]
 
 # Orientation is handled once, by SimpleITK: NIfTI headers hold RAS coordinates and SimpleITK turns
 # them into ITK's LPS when reading (and back when writing); everything in cyclereg is LPS.
@@ -51,7 +50,7 @@ def read_image(path, role: str = "image") -> sitk.Image:
         raise DataError(f"{name} is an empty file")
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
-    with _itk_messages(name, "cannot be read as an image"):
+    with itk_messages(name, "cannot be read as an image"):
         reader.ReadImageInformation()
     _check_header(name, reader.GetDimension(), reader.GetSize(), reader.GetNumberOfComponents())
     nifti_float = (path.name.lower().endswith((".nii", ".nii.gz"))
@@ -59,7 +58,7 @@ def read_image(path, role: str = "image") -> sitk.Image:
     raw = _gunzip(path, name, keep=nifti_float) if path.suffix.lower() == ".gz" else None
     if nifti_float:
         _check_nifti_finite(path, name, raw)
-    with _itk_messages(name, "cannot be read as an image"):
+    with itk_messages(name, "cannot be read as an image"):
         image = reader.Execute()
     if not nifti_float:  # NIfTI floats were checked above, before ITK's reader replaced NaN and Inf by 0
         _check_finite(sitk.GetArrayViewFromImage(image), name)
@@ -125,7 +124,7 @@ def _check_nifti_finite(path: Path, name: str, raw: bytes | None = None) -> None
 
 
 @contextlib.contextmanager
-def _itk_messages(name: str, what: str, show_warnings: bool = True):
+def itk_messages(name: str, what: str, show_warnings: bool = True):
     """Turn SimpleITK's exceptions into one-line :class:`DataError` naming the file, and hold back
     what ITK's C libraries print on stderr while reading: shown if the read succeeds and
     ``show_warnings``, dropped if it fails (the error says it in one line)."""
@@ -154,14 +153,14 @@ def _itk_messages(name: str, what: str, show_warnings: bool = True):
 def _read_dicom_series(folder: Path, role: str) -> sitk.Image:
     """A folder is read as a DICOM series (the only series in it)."""
     name = f"{role} {folder}"
-    with _itk_messages(name, "cannot be read as a DICOM series", show_warnings=False):  # "no series found"
+    with itk_messages(name, "cannot be read as a DICOM series", show_warnings=False):  # "no series found"
         series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
     if not series:
         raise DataError(f"{name} is a folder without a DICOM series; expected an image file or a DICOM folder")
     if len(series) > 1:
         raise DataError(f"{name} holds {len(series)} DICOM series; expected one")
     reader = sitk.ImageSeriesReader()
-    with _itk_messages(name, "cannot be read as a DICOM series"):
+    with itk_messages(name, "cannot be read as a DICOM series"):
         reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series[0]))
         return reader.Execute()
 
@@ -231,6 +230,40 @@ class Geometry:
         """Signed volume spanned by the voxel centres (direction handedness included)."""
         return float(np.linalg.det(self.matrix() * np.array([n - 1 for n in self.size])[None, :]))
 
+    def physical(self, points: torch.Tensor) -> torch.Tensor:
+        """Points of the frame the image is seen from as its own physical points: for an image seen
+        from its own frame, the points themselves (see :class:`Reframed`)."""
+        return points
+
+    def seen_through(self, linear: np.ndarray, offset: np.ndarray) -> "Reframed":
+        """This image seen from another physical frame, whose point ``q`` is this image's physical point
+        ``linear @ q + offset`` (an affine transform from a fixed image's space to this, a moving, image's)."""
+        return Reframed(self.size, self.spacing, self.origin, self.direction,
+                        tuple(np.asarray(linear, float).ravel()), tuple(np.asarray(offset, float)))
+
+
+@dataclass(frozen=True)
+class Reframed(Geometry):
+    """An image's geometry seen from another frame (:meth:`Geometry.seen_through`): its domain points
+    map to the frame's points, ``physical`` takes the frame's points to the image's own space."""
+
+    linear: tuple
+    offset: tuple
+
+    def _frame(self) -> tuple[np.ndarray, np.ndarray]:
+        return np.asarray(self.linear).reshape(self.dim, self.dim), np.asarray(self.offset)
+
+    def affine(self) -> tuple[np.ndarray, np.ndarray]:
+        a, o = super().affine()
+        linear, offset = self._frame()
+        inverse = np.linalg.inv(linear)
+        return inverse @ a, inverse @ (o - offset)
+
+    def physical(self, points: torch.Tensor) -> torch.Tensor:
+        """The frame's points ``(N, d, *S)`` as physical points of the image itself."""
+        linear, offset = self._frame()
+        return _apply_affine(linear, offset, points)
+
 
 def _apply_affine(matrix: np.ndarray, offset: np.ndarray, points: torch.Tensor) -> torch.Tensor:
     """``matrix @ p + offset`` for points ``(N, d, *S)``, in the points' dtype and device."""
@@ -259,48 +292,3 @@ def write_image(path, array, reference: sitk.Image, pixel_id=None) -> None:
     image = to_image(array, reference, pixel_id)
     with atomic_path(path) as tmp:
         sitk.WriteImage(image, str(tmp))
-
-
-def read_transform(path) -> sitk.Transform:
-    """A transform file written by :func:`write_displacement` (or any ITK transform file), or a
-    displacement field stored as a vector image."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"--transform {path} does not exist" if not path.exists() else f"--transform {path} is not a file")
-    suffix = "".join(path.suffixes).lower()
-    with _itk_messages(f"--transform {path}", "cannot be read as a transform"):
-        if suffix.endswith((".h5", ".hdf5", ".tfm", ".txt", ".mat")):
-            return sitk.ReadTransform(str(path))
-        field = sitk.ReadImage(str(path))
-    if field.GetNumberOfComponentsPerPixel() != field.GetDimension():
-        raise DataError(f"--transform {path} is not a displacement field (expected {field.GetDimension()} components per voxel)")
-    return sitk.DisplacementFieldTransform(sitk.Cast(field, sitk.sitkVectorFloat64))
-
-
-def write_displacement(path, displacement: torch.Tensor, reference: sitk.Image) -> None:
-    """Write a physical displacement field ``(d, *spatial)`` (components x, y, z; ITK's convention:
-    fixed point + displacement = moving point) on ``reference``'s grid, as an ITK displacement-field
-    transform (``.h5``, ``.hdf5``, ``.tfm``) or a vector image (``.nii.gz``, ``.mha``, ``.nrrd``).
-
-    A transform file holds doubles (ITK's displacement-field transform needs them); a vector image
-    holds floats, as ANTs writes its warps: half the bytes, and 1.8 s less to gzip a 1 mm brain's
-    field on this project's CPU, while float32 resolves a displacement to 1e-5 mm."""
-    suffix = "".join(Path(path).suffixes).lower()
-    if suffix.endswith((".h5", ".hdf5", ".tfm", ".txt")):
-        result = displacement_transform(displacement, reference)
-        with atomic_path(path) as tmp:
-            sitk.WriteTransform(result, str(tmp))
-        return
-    field = sitk.GetImageFromArray(displacement.detach().cpu().float().movedim(0, -1).numpy(), isVector=True)
-    field.CopyInformation(reference)
-    with atomic_path(path) as tmp:
-        sitk.WriteImage(field, str(tmp))
-
-
-def displacement_transform(displacement: torch.Tensor, reference: sitk.Image) -> sitk.DisplacementFieldTransform:
-    """A physical displacement field ``(d, *spatial)`` on ``reference``'s grid as an ITK
-    displacement-field transform (doubles, as ITK needs)."""
-    array = displacement.detach().cpu().to(torch.float64).movedim(0, -1).numpy()
-    field = sitk.GetImageFromArray(array, isVector=True)
-    field.CopyInformation(reference)
-    return sitk.DisplacementFieldTransform(field)

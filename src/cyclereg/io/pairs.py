@@ -24,13 +24,13 @@ def read_pairs_csv(path) -> list[dict]:
             missing = [c for c in REQUIRED if c not in (reader.fieldnames or [])]
             if missing:
                 raise DataError(f"--pairs-csv {path}: missing column(s) {', '.join(missing)}; "
-                                "expected fixed, moving[, fixed_labels, moving_labels]")
+                                "expected fixed, moving[, fixed_labels, moving_labels, affine]")
             rows = []
             for i, row in enumerate(reader, start=2):
                 if not row.get("fixed") or not row.get("moving"):
                     raise DataError(f"--pairs-csv {path}, line {i}: empty fixed or moving path")
                 row = {k: (str(path.parent / v) if v else "") for k, v in row.items() if k}
-                for column in ("fixed", "moving", "fixed_labels", "moving_labels"):  # fail before any work
+                for column in ("fixed", "moving", "fixed_labels", "moving_labels", "affine"):  # fail before any work
                     if row.get(column) and not Path(row[column]).exists():
                         raise DataError(f"--pairs-csv {path}, line {i}: {column} {row[column]} does not exist")
                 rows.append(row)

@@ -75,14 +75,16 @@ def model_grid(reference: sitk.Image, prep: Preprocessing, size=None) -> Geometr
     return Geometry(size, spacing, tuple(float(o) for o in origin), ref.direction)
 
 
-def resample(image: sitk.Image, grid: Geometry, nearest: bool = False, default: float = 0.0) -> sitk.Image:
-    """``image`` resampled onto ``grid`` in physical space (linear or nearest; ``default`` outside)."""
-    if Geometry.of(image) == grid:
+def resample(image: sitk.Image, grid: Geometry, nearest: bool = False, default: float = 0.0,
+             transform: sitk.Transform | None = None) -> sitk.Image:
+    """``image`` resampled onto ``grid`` in physical space (linear or nearest; ``default`` outside),
+    through ``transform`` (grid points to the image's points) if given."""
+    if Geometry.of(image) == grid and transform is None:
         return image
     interpolator = sitk.sitkNearestNeighbor if nearest else sitk.sitkLinear
     pixel = image.GetPixelID() if nearest else sitk.sitkFloat32
     source = image if nearest else sitk.Cast(image, sitk.sitkFloat32)
-    return sitk.Resample(source, grid.size, sitk.Transform(), interpolator, grid.origin, grid.spacing,
+    return sitk.Resample(source, grid.size, transform or sitk.Transform(), interpolator, grid.origin, grid.spacing,
                          grid.direction, float(default), pixel)
 
 
@@ -113,10 +115,12 @@ def intensity_bounds(array: np.ndarray, prep: Preprocessing, role: str = "image"
     return float(lo), float(hi)
 
 
-def prepare(image: sitk.Image, grid: Geometry, prep: Preprocessing, role: str = "image") -> torch.Tensor:
-    """The network input of ``image`` on ``grid``: ``(1, 1, *spatial)`` float32 in ``prep.range``."""
+def prepare(image: sitk.Image, grid: Geometry, prep: Preprocessing, role: str = "image",
+            transform: sitk.Transform | None = None) -> torch.Tensor:
+    """The network input of ``image`` on ``grid`` (through ``transform``, grid points to the image's
+    points, if given): ``(1, 1, *spatial)`` float32 in ``prep.range``."""
     lo, hi = intensity_bounds(sitk.GetArrayViewFromImage(image), prep, role)  # finite: read_image checked it
-    values = sitk.GetArrayFromImage(resample(_antialias(image, grid), grid, default=lo)).astype(np.float32)
+    values = sitk.GetArrayFromImage(resample(_antialias(image, grid), grid, default=lo, transform=transform)).astype(np.float32)
     out = torch.from_numpy(values)[None, None]
     if prep.intensity == "none":
         return out

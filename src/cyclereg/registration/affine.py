@@ -129,10 +129,10 @@ def _resample(image: sitk.Image, low: np.ndarray, high: np.ndarray, spacing: flo
     d = image.GetDimension()
     size = [int(math.ceil((h - lo) / spacing)) + 1 for lo, h in zip(low, high)]
     source = sitk.Cast(image, sitk.sitkFloat32)
-    if not nearest:
-        sigma = [max(0.0, 0.5 * (spacing ** 2 - s ** 2)) ** 0.5 for s in image.GetSpacing()]
-        if max(sigma) > 0:
-            source = sitk.SmoothingRecursiveGaussian(source, sigma)
+    if not nearest:  # Gaussian of variance (spacing² − s²) / 4 mm² per axis (none along axes as coarse already)
+        variance = [max(0.0, 0.25 * (spacing ** 2 - s ** 2)) for s in image.GetSpacing()]
+        if max(variance) > 0:
+            source = sitk.DiscreteGaussian(source, variance, 32, 0.01, True)
     return sitk.Resample(source, size, sitk.Transform(), sitk.sitkNearestNeighbor if nearest else sitk.sitkLinear,
                          low.tolist(), [spacing] * d, np.eye(d).ravel().tolist(), 0.0, sitk.sitkFloat32)
 

@@ -1,5 +1,10 @@
 """Registering one pair: files in, a map in physical space, files out on the fixed image's grid.
 
+First the affine stage (:func:`align`): an affine transform ``T`` from the fixed image's space to the
+moving image's, found by :mod:`cyclereg.registration.affine` (``auto``), read from a file, or none. The
+moving image is seen from the fixed image's frame through ``T`` (:meth:`Geometry.seen_through`), so the
+deformable model runs on the affinely aligned pair and the whole map is ``T∘Φ``.
+
 Both images are resampled onto the fixed image's model grid (:mod:`cyclereg.io.preprocess`); the model's
 map ``Φ`` lives on that grid's ``[0, 1]`` domain (:mod:`cyclereg.core.coords`). To carry it back, every
 voxel ``x`` of the fixed image is taken to physical space, into the model grid's domain, through
@@ -12,8 +17,10 @@ resampler and ANTs give the same warped image from the written transform.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 from pathlib import Path
 
+import numpy as np
 import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
@@ -21,7 +28,9 @@ import torch.nn.functional as F
 from cyclereg.core.coords import identity_grid
 from cyclereg.core.errors import DataError, UsageError
 from cyclereg.core.atomic import atomic_path
-from cyclereg.io.images import Geometry, image_to_tensor, read_image, read_transform, write_displacement, write_image
+from cyclereg.io.images import Geometry, image_to_tensor, read_image, write_image
+from cyclereg.io.transforms import (affine_parts, affine_transform, displacement_transform, is_transform_file, read_affine,
+                                    read_transform, write_displacement, write_transform)
 from cyclereg.io.pairs import each_row, read_pairs_csv
 from cyclereg.core.label_metrics import folded_percent
 from cyclereg.core.metrics import folded, jacobian_determinant
@@ -30,7 +39,7 @@ from cyclereg.core.transforms import Transform, sample
 from cyclereg.registration.instance import register_tensors
 from cyclereg.registration.tuning import NO_IO, InstanceOptimisation
 
-__all__ = ["Pair", "read_pair", "Registration", "model_inputs", "register_pair", "map_physical", "on_fixed_grid", "sample_like_itk", "warp_image", "write_outputs",
+__all__ = ["Pair", "read_pair", "align", "Registration", "model_inputs", "register_pair", "map_physical", "on_fixed_grid", "sample_like_itk", "warp_image", "write_outputs",
            "register_files", "register_csv", "warp_file"]
 
 
@@ -43,9 +52,23 @@ class Pair:
     moving_labels: sitk.Image | None = None
     fixed_name: str = "--fixed"  # how errors name the images: the option and the file
     moving_name: str = "--moving"
+    affine: sitk.AffineTransform | None = None  # T: fixed image's points -> moving image's points
+    affine_summary: dict | None = None  # how the affine stage found T
 
     def reversed(self) -> "Pair":
-        return Pair(self.moving, self.fixed, fixed_name=self.moving_name, moving_name=self.fixed_name)
+        inverse = None
+        if self.affine is not None:
+            linear, offset = affine_parts(self.affine)
+            inverse = affine_transform(np.linalg.inv(linear), -np.linalg.inv(linear) @ offset)
+        return Pair(self.moving, self.fixed, fixed_name=self.moving_name, moving_name=self.fixed_name, affine=inverse)
+
+    def moving_geometry(self) -> Geometry:
+        """The moving image's geometry seen from the fixed image's frame (through ``affine``)."""
+        own = Geometry.of(self.moving)
+        return own if self.affine is None else own.seen_through(*affine_parts(self.affine))
+
+    def affine_det(self) -> float:
+        return 1.0 if self.affine is None else float(np.linalg.det(affine_parts(self.affine)[0]))
 
 
 def read_pair(fixed, moving, moving_labels=None, dim: int | None = None, names=("--fixed", "--moving", "--moving-labels")) -> Pair:
@@ -74,30 +97,66 @@ def read_pair(fixed, moving, moving_labels=None, dim: int | None = None, names=(
     return Pair(fixed_img, moving_img, labels_img, f"{names[0]} {fixed}", f"{names[1]} {moving}")
 
 
+AFFINE_MODES = ("auto", "none")
+
+
+def align(pair: Pair, affine="auto", similarity: str = "ncc", device=None, option: str = "--affine") -> Pair:
+    """The pair with its affine stage: ``affine`` is ``"auto"`` (:func:`~cyclereg.registration.affine.affine_register`
+    with ``similarity``), ``"none"`` (the images are aligned already), an ITK transform file or a
+    SimpleITK transform (fixed points to moving points)."""
+    import time
+
+    from dataclasses import replace
+
+    from cyclereg.registration.affine import affine_register
+
+    dim = pair.fixed.GetDimension()
+    if isinstance(affine, str) and affine == "none":
+        return pair
+    if isinstance(affine, str) and affine == "auto":
+        t0 = time.perf_counter()
+        result = affine_register(pair.fixed, pair.moving, similarity, device=device, names=(pair.fixed_name, pair.moving_name))
+        summary = {**result.summary(), "seconds": time.perf_counter() - t0}
+        return replace(pair, affine=result.transform(), affine_summary=summary)
+    if isinstance(affine, sitk.Transform):
+        if affine.GetDimension() != dim:
+            raise DataError(f"{option}: a {affine.GetDimension()}D transform but the images are {dim}D")
+        return replace(pair, affine=affine_transform(*affine_parts(affine)), affine_summary={"file": "(a SimpleITK transform)"})
+    if not isinstance(affine, (str, Path)):
+        raise UsageError(f"{option}: expected auto, none, a transform file or a SimpleITK transform, got {type(affine).__name__}")
+    return replace(pair, affine=read_affine(affine, dim, option), affine_summary={"file": str(affine)})
+
+
 def model_inputs(pair: Pair, prep: Preprocessing, size=None) -> tuple[Geometry, torch.Tensor, torch.Tensor]:
-    """The fixed image's model grid and both images prepared on it: ``(grid, moving, fixed)``."""
+    """The fixed image's model grid and both images prepared on it, the moving image through the
+    pair's affine transform: ``(grid, moving, fixed)``."""
     grid = model_grid(pair.fixed, prep, size)
-    g_moving = Geometry.of(pair.moving)
+    g_moving = pair.moving_geometry()
     inside = g_moving.inside(g_moving.from_physical(grid.to_physical(identity_grid(tuple(reversed(grid.size)), dtype=torch.float64))))
     if not inside.any():
         raise DataError(f"{pair.moving_name} and {pair.fixed_name} do not overlap in physical space "
                         "(origin, spacing, direction); align them affinely first")
-    return grid, prepare(pair.moving, grid, prep, pair.moving_name), prepare(pair.fixed, grid, prep, pair.fixed_name)
+    return (grid, prepare(pair.moving, grid, prep, pair.moving_name, pair.affine),
+            prepare(pair.fixed, grid, prep, pair.fixed_name))
 
 
 @dataclass
 class Registration:
-    """A pair, the model grid it was registered on, and the map ``Φ`` on that grid's domain."""
+    """A pair, the model grid it was registered on, and the map ``Φ`` on that grid's domain (in the
+    fixed image's frame: the whole map is ``T∘Φ`` for the pair's affine ``T``). ``reverse`` computes
+    the model's map the other way on the same grid, ``Φ_BA ≈ Φ⁻¹``, when an inverse is asked for."""
 
     pair: Pair
     grid: Geometry
     phi: Transform
+    reverse: Callable[[], Transform] | None = None
 
 
 def register_pair(model, info, pair: Pair, tuning: InstanceOptimisation = NO_IO) -> Registration:
     fixed_shape = any(s.network == "mlp" for s in info.config.model.steps)
     grid, m, f = model_inputs(pair, info.preprocess, tuple(reversed(info.shape)) if fixed_shape else None)
-    return Registration(pair, grid, register_tensors(model, info, m, f, tuning))
+    return Registration(pair, grid, register_tensors(model, info, m, f, tuning),
+                        reverse=lambda: register_tensors(model, info, f, m, tuning))
 
 
 @dataclass
@@ -105,12 +164,14 @@ class OnFixedGrid:
     """A registration evaluated at the fixed image's voxels (tensors ``(1, d, *fixed shape)``)."""
 
     fixed_physical: torch.Tensor  # x: the voxels' physical points
-    moving_physical: torch.Tensor  # y: the physical points they map to
+    aligned_physical: torch.Tensor  # Φ(x): in the fixed image's frame, before the affine transform
+    moving_physical: torch.Tensor  # y = T(Φ(x)): the moving image's physical points they map to
     moving_domain: torch.Tensor  # y in the moving image's [0, 1] domain
     det: torch.Tensor  # (1, *(shape - 1)) Jacobian determinant of x -> y (physical volume change)
 
     @property
     def displacement(self) -> torch.Tensor:
+        """The whole map's displacement ``y - x``, the affine transform folded in."""
         return self.moving_physical - self.fixed_physical
 
     def det_per_voxel(self) -> torch.Tensor:
@@ -120,9 +181,17 @@ class OnFixedGrid:
 
 @torch.no_grad()
 def map_physical(reg: Registration, points: torch.Tensor) -> torch.Tensor:
-    """The registration's map on physical points ``(1, d, *S)`` (float64): fixed space -> moving space."""
+    """The registration's whole map on physical points ``(1, d, *S)`` (float64): fixed space -> moving space."""
     u = reg.grid.from_physical(points.double())
-    return reg.grid.to_physical(reg.phi(u.float()).double())
+    return reg.pair.moving_geometry().physical(reg.grid.to_physical(reg.phi(u.float()).double()))
+
+
+@torch.no_grad()
+def inverse_physical(reg: Registration, points: torch.Tensor, reverse: Transform) -> torch.Tensor:
+    """The inverse map ``Φ_BA∘T⁻¹`` on physical points of the moving image's space ``(1, d, *S)``:
+    moving space -> fixed space (``reverse``: ``reg.reverse()``)."""
+    aligned = reg.pair.reversed().moving_geometry().physical(points.double())
+    return reg.grid.to_physical(reverse(reg.grid.from_physical(aligned).float()).double())
 
 
 @torch.no_grad()
@@ -130,14 +199,15 @@ def on_fixed_grid(reg: Registration, device=None) -> OnFixedGrid:
     """The map at every voxel of the fixed image. Each change of frame is one affine map applied
     in float32 (:meth:`Geometry.points_to`): fixed voxels into the model grid's domain, through Φ,
     then to physical space, to the moving image's domain and to the fixed image's own frame."""
-    g_fixed, g_moving = Geometry.of(reg.pair.fixed), Geometry.of(reg.pair.moving)
+    g_fixed, g_moving = Geometry.of(reg.pair.fixed), reg.pair.moving_geometry()
     fixed_domain = identity_grid(tuple(reversed(g_fixed.size)), device, torch.float32)
     v = reg.phi(g_fixed.points_to(fixed_domain, reg.grid).to(device))  # the model grid's domain, moving side
     # The Jacobian in the fixed image's own frame: a reflection between two images' index orders
-    # is a property of their grids, not a fold.
-    det = jacobian_determinant(reg.grid.points_to(v, g_fixed))
+    # is a property of their grids, not a fold. T is affine: it scales every determinant by det L.
+    det = jacobian_determinant(reg.grid.points_to(v, g_fixed)) * reg.pair.affine_det()
+    moving_domain = reg.grid.points_to(v, g_moving)
     return OnFixedGrid(g_fixed.points_to(fixed_domain, None), reg.grid.points_to(v, None),
-                       reg.grid.points_to(v, g_moving), det)
+                       Geometry.of(reg.pair.moving).points_to(moving_domain, None), moving_domain, det)
 
 
 def sample_like_itk(image: torch.Tensor, points: torch.Tensor, geometry: Geometry, nearest: bool = False) -> torch.Tensor:
@@ -154,14 +224,43 @@ def warp_image(image: sitk.Image, points: torch.Tensor, nearest: bool = False) -
     return sample_like_itk(values, points.to(dtype), Geometry.of(image), nearest)[0, 0]
 
 
+def map_transform(reg: Registration, grid: OnFixedGrid) -> sitk.Transform:
+    """The whole map as one ITK transform: the composite ``[T, D]`` (``T(D(x))``, ``D`` the model's
+    displacement field on the fixed grid) when the pair has an affine transform ``T``, else ``D``."""
+    if reg.pair.affine is None:
+        return displacement_transform(grid.displacement[0], reg.pair.fixed)
+    field = displacement_transform((grid.aligned_physical - grid.fixed_physical)[0], reg.pair.fixed)
+    return sitk.CompositeTransform([reg.pair.affine, field])
+
+
+def inverse_composite(reg: Registration, device=None) -> sitk.Transform:
+    """The inverse of the whole map, ``Φ_BA∘T⁻¹``, as the composite ``[D_BA, T⁻¹]`` with ``D_BA`` on the
+    fixed grid. The methods are inverse consistent, so the model's reverse map stands for ``Φ⁻¹``."""
+    g = Geometry.of(reg.pair.fixed)
+    x = g.to_physical(identity_grid(tuple(reversed(g.size)), device, torch.float64))
+    y = reg.grid.to_physical(reg.reverse()(reg.grid.from_physical(x).float()).double())
+    return sitk.CompositeTransform([displacement_transform((y - x)[0], reg.pair.fixed), reg.pair.reversed().affine])
+
+
+def inverse_displacement(reg: Registration, device=None) -> torch.Tensor:
+    """The inverse of the whole map as one displacement field ``(d, *moving shape)`` on the moving
+    image's grid (moving point + displacement = fixed point)."""
+    g = Geometry.of(reg.pair.moving)
+    x = g.to_physical(identity_grid(tuple(reversed(g.size)), device, torch.float64))
+    return (inverse_physical(reg, x, reg.reverse()) - x)[0]
+
+
 def write_outputs(reg: Registration, device=None, warped=None, transform=None, jacobian=None, warped_labels=None,
-                  figure=None) -> dict:
-    """Write the requested outputs of a registration on the fixed image's grid. Returns a summary."""
+                  figure=None, transform_inverse=None) -> dict:
+    """Write the requested outputs of a registration on the fixed image's grid (the inverse transform
+    on the moving image's). Returns a summary."""
     grid = on_fixed_grid(reg, device)
     pair, g_fixed, g_moving = reg.pair, Geometry.of(reg.pair.fixed), Geometry.of(reg.pair.moving)
     det = grid.det
     summary = {"folds": int(folded(det).sum()), "folded_percent": folded_percent(det.cpu().numpy()),
                "jacobian_min": float(det.min()), "jacobian_max": float(det.max())}
+    if pair.affine_summary is not None:
+        summary["affine"] = pair.affine_summary
     warped_image = warp_image(pair.moving, grid.moving_domain) if warped or figure else None
     warped_lab = None
     if pair.moving_labels is not None and (warped_labels or figure):
@@ -178,37 +277,52 @@ def write_outputs(reg: Registration, device=None, warped=None, transform=None, j
         before = warp_image(pair.moving, g_moving.from_physical(grid.fixed_physical.double()))
         fixed = image_to_tensor(pair.fixed)[0, 0]
         orthogonal_slices_figure(figure, fixed.numpy(), before.cpu().numpy(), warped_image.cpu().numpy(),
-                                 points=g_fixed.from_physical(grid.moving_physical.double())[0].cpu().numpy(),
+                                 points=g_fixed.from_physical(grid.aligned_physical.double())[0].cpu().numpy(),
                                  warped_labels=None if warped_lab is None else warped_lab.cpu().numpy(),
                                  spacing=tuple(reversed(g_fixed.spacing)),
                                  title=f"folds {summary['folds']}, det J in [{summary['jacobian_min']:.2f}, {summary['jacobian_max']:.2f}]")
     if jacobian:
         write_image(jacobian, grid.det_per_voxel(), pair.fixed, None)
+    def composite(path) -> bool:  # affine + displacement as one ITK composite transform
+        return pair.affine is not None and is_transform_file(path)
+
     if transform:
-        write_displacement(transform, grid.displacement[0], pair.fixed)
+        if composite(transform):
+            write_transform(transform, map_transform(reg, grid))
+        else:
+            write_displacement(transform, grid.displacement[0], pair.fixed)
+    if transform_inverse:
+        if composite(transform_inverse):
+            write_transform(transform_inverse, inverse_composite(reg, device))
+        else:
+            write_displacement(transform_inverse, inverse_displacement(reg, device), pair.moving)
     return summary
 
 
-def register_files(model, info, fixed, moving, warped=None, transform=None, jacobian=None,
-                   moving_labels=None, warped_labels=None, tuning: InstanceOptimisation = NO_IO, figure=None) -> dict:
-    """Register the files ``moving`` to ``fixed`` with a trained model and write the requested
-    outputs in the fixed image's space. Returns a summary (folds, Jacobian range)."""
+def register_files(model, info, fixed, moving, warped=None, transform=None, jacobian=None, moving_labels=None,
+                   warped_labels=None, tuning: InstanceOptimisation = NO_IO, figure=None, transform_inverse=None,
+                   affine="auto", affine_similarity: str = "ncc") -> dict:
+    """Register the files ``moving`` to ``fixed`` with a trained model, after the affine stage
+    (:func:`align`), and write the requested outputs in the fixed image's space. Returns a summary
+    (folds, Jacobian range, the affine stage)."""
     if (moving_labels is None) != (warped_labels is None):
         raise UsageError("--moving-labels and --warped-labels go together")
-    pair = read_pair(fixed, moving, moving_labels, dim=info.dim)
+    device = next(model.parameters()).device
+    pair = align(read_pair(fixed, moving, moving_labels, dim=info.dim), affine, affine_similarity, device)
     reg = register_pair(model, info, pair, tuning)
-    return write_outputs(reg, next(model.parameters()).device, warped=warped, transform=transform,
-                         jacobian=jacobian, warped_labels=warped_labels, figure=figure)
+    return write_outputs(reg, device, warped=warped, transform=transform, jacobian=jacobian,
+                         warped_labels=warped_labels, figure=figure, transform_inverse=transform_inverse)
 
 
-OUTPUT_NAMES = {"warped": "warped.nii.gz", "transform": "transform.h5", "jacobian": "jacobian.nii.gz",
-                "figure": "figure.png"}
+OUTPUT_NAMES = {"warped": "warped.nii.gz", "transform": "transform.h5", "transform_inverse": "transform_inverse.h5",
+                "jacobian": "jacobian.nii.gz", "figure": "figure.png"}
 
 
 def register_csv(model, info, csv_path, out_dir, outputs=("warped", "transform"), tuning: InstanceOptimisation = NO_IO,
-                 rank: int = 0, world: int = 1, progress: bool = True):
-    """Register every pair of a CSV (columns ``fixed``, ``moving``, optional ``moving_labels`` and
-    ``name``) with one loaded model, streaming: pair after pair, nothing kept between pairs. Outputs
+                 rank: int = 0, world: int = 1, progress: bool = True, affine: str = "auto", affine_similarity: str = "ncc"):
+    """Register every pair of a CSV (columns ``fixed``, ``moving``, optional ``moving_labels``, ``name``
+    and ``affine``: a prior transform file for that pair, else ``affine``) with one loaded model,
+    streaming: pair after pair, nothing kept between pairs. Outputs
     go to ``out_dir/NAME_warped.nii.gz`` and so on (``NAME``: the ``name`` column, or the moving and
     fixed file names). With ``world`` processes, this one takes rows ``rank, rank + world, ...``.
     Yields one summary per pair registered here."""
@@ -233,7 +347,8 @@ def register_csv(model, info, csv_path, out_dir, outputs=("warped", "transform")
         files = {k: out_dir / f"{name}_{OUTPUT_NAMES[k]}" for k in outputs}
         summary = register_files(model, info, row["fixed"], row["moving"], moving_labels=labels,
                                  warped_labels=out_dir / f"{name}_warped_labels.nii.gz" if labels else None,
-                                 tuning=tuning, **{k: str(v) for k, v in files.items()})
+                                 tuning=tuning, affine=row.get("affine") or affine, affine_similarity=affine_similarity,
+                                 **{k: str(v) for k, v in files.items()})
         return {"name": name, "fixed": row["fixed"], "moving": row["moving"], **summary}
 
     for _, summary in each_row(csv_path, range(rank, len(rows), world), one, "register", progress):
