@@ -18,7 +18,8 @@ def add(sub) -> None:
     af.add_argument("--warped", help="the moving image resampled onto the fixed image's grid with it")
     af.add_argument("--similarity", choices=["ncc", "mi"], default="ncc",
                     help="ncc for one contrast, mi (mutual information) for two (default: %(default)s)")
-    af.add_argument("--steps", type=int, default=60, help="Adam steps per stage and resolution (default: %(default)s)")
+    af.add_argument("--steps", type=int, default=None, help="Adam steps per stage and resolution "
+                    "(default: cyclereg.registration.affine.STEPS, 30)")
     af.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     af.set_defaults(run=run)
 
@@ -28,8 +29,9 @@ def run(args) -> int:
 
     from cyclereg.core.atomic import atomic_path
     from cyclereg.io.images import read_image
-    from cyclereg.registration.affine import affine_register
+    from cyclereg.registration.affine import STEPS, affine_register
 
+    args.steps = STEPS if args.steps is None else args.steps
     if args.steps < 1:
         raise UsageError(f"--steps: expected at least 1, got {args.steps}")
     check_outputs({"--transform": args.transform, "--warped": args.warped})

@@ -55,7 +55,11 @@ class _Grid:
             keep = torch.randperm(flat.numel(), generator=torch.Generator().manual_seed(0))[:POINTS]
             flat = flat[keep.to(flat.device)].sort().values
         self.chosen = flat
-        index = torch.stack(torch.unravel_index(flat, self.values.shape[2:]), 1).to(self.origin.dtype).flip(-1)
+        index, rest = [], flat  # unravelled by hand: torch.unravel_index imports sympy (1.2 s)
+        for n in reversed(self.values.shape[2:]):
+            index.append(rest % n)
+            rest = rest // n
+        index = torch.stack(index, 1).to(self.origin.dtype)  # x, y, z
         self.points = self.origin + index * self.spacing
 
     def chosen_values(self) -> torch.Tensor:
@@ -129,8 +133,13 @@ def _resample(image: sitk.Image, low: np.ndarray, high: np.ndarray, spacing: flo
     d = image.GetDimension()
     size = [int(math.ceil((h - lo) / spacing)) + 1 for lo, h in zip(low, high)]
     source = sitk.Cast(image, sitk.sitkFloat32)
-    if not nearest:  # Gaussian of variance (spacing² − s²) / 4 mm² per axis (none along axes as coarse already)
-        variance = [max(0.0, 0.25 * (spacing ** 2 - s ** 2)) for s in image.GetSpacing()]
+    if not nearest:
+        # Averages of blocks of about the new spacing first (cheap: a Gaussian on the 1 mm image costs 0.5 s),
+        # then a Gaussian of variance (spacing² − s²) / 4 mm² per axis (none along axes as coarse already).
+        factors = [max(1, int(spacing / s + 0.25)) for s in image.GetSpacing()]
+        if max(factors) > 1:
+            source = sitk.BinShrink(source, factors)
+        variance = [max(0.0, 0.25 * (spacing ** 2 - s ** 2)) for s in source.GetSpacing()]
         if max(variance) > 0:
             source = sitk.DiscreteGaussian(source, variance, 32, 0.01, True)
     return sitk.Resample(source, size, sitk.Transform(), sitk.sitkNearestNeighbor if nearest else sitk.sitkLinear,
@@ -224,21 +233,25 @@ def _cost(params: _Params, centre, fixed: _Grid, moving: _Grid, similarity):
 
 
 def _optimise(params: _Params, centre, fixed: _Grid, moving: _Grid, similarity, stage: str, steps: int) -> None:
-    groups = [{"params": [params.shift], "lr": 0.5 * fixed.spacing}]
+    """Adam (β = 0.9, 0.999) on the stage's parameters, the step sizes decayed along a cosine. Written out:
+    ``torch.optim`` imports ``torch._dynamo`` on first use, 2.3 s of this CPU for a 10-parameter problem."""
+    groups = [(params.shift, 0.5 * fixed.spacing)]
     if stage in ("rigid", "affine"):
-        groups.append({"params": [params.omega], "lr": 0.02})
+        groups.append((params.omega, 0.02))
     if stage == "affine":
-        groups.append({"params": [params.linear], "lr": 0.01})
-    optimiser = torch.optim.Adam(groups)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=steps)
-    for _ in range(steps):
+        groups.append((params.linear, 0.01))
+    moments = [(torch.zeros_like(p), torch.zeros_like(p)) for p, _ in groups]
+    for step in range(1, steps + 1):
         loss = _cost(params, centre, fixed, moving, similarity)
         if loss is None:
             break
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        optimiser.step()
-        schedule.step()
+        grads = torch.autograd.grad(loss, [p for p, _ in groups])
+        decay = 0.5 * (1 + math.cos(math.pi * (step - 1) / steps))
+        with torch.no_grad():
+            for (p, lr), (m, v), g in zip(groups, moments, grads):
+                m.mul_(0.9).add_(g, alpha=0.1)
+                v.mul_(0.999).addcmul_(g, g, value=0.001)
+                p.sub_(lr * decay * (m / (1 - 0.9 ** step)) / ((v / (1 - 0.999 ** step)).sqrt() + 1e-8))
 
 
 def _moments(grid: _Grid) -> tuple[torch.Tensor, torch.Tensor]:
@@ -306,9 +319,26 @@ def default_spacings(fixed: sitk.Image, mask: sitk.Image | None = None) -> tuple
     return tuple(dict.fromkeys(max(extent / k, voxel) for k in (24, 48, 96)))
 
 
-def affine_register(fixed: sitk.Image, moving: sitk.Image, similarity: str = "ncc", spacings=None, steps: int = 60,
+STEPS = 30  # Adam steps per stage and grid: on the held-out brains (NCC) 20, 30 and 60 give the same Dice,
+# 0.634; mutual information needs 30 on the synthetic tests
+
+
+def affine_register(fixed: sitk.Image, moving: sitk.Image, similarity: str = "ncc", spacings=None, steps: int = STEPS,
                     device=None, names=("--fixed", "--moving")) -> AffineResult:
-    """Align ``moving`` to ``fixed`` affinely as the module says. ``steps``: Adam steps per stage and grid."""
+    """Align ``moving`` to ``fixed`` affinely as the module says. ``steps``: Adam steps per stage and grid.
+    On a CPU it runs on one thread: its tensors are small (at most 20,000 points), and where another
+    process keeps a core busy, two threads made it 10 times slower on this project's 2-core machine."""
+    if torch.device(device or "cpu").type != "cpu":
+        return _affine_register(fixed, moving, similarity, spacings, steps, device, names)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _affine_register(fixed, moving, similarity, spacings, steps, device, names)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _affine_register(fixed, moving, similarity, spacings, steps, device, names) -> AffineResult:
     if similarity not in SIMILARITIES:
         raise UsageError(f"--similarity: expected one of {', '.join(SIMILARITIES)}, got {similarity!r}")
     if fixed.GetDimension() != moving.GetDimension():
