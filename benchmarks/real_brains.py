@@ -2,13 +2,15 @@
 labelled subjects, whole 1 mm images, files in and out, side by side in one run.
 
 Rows: no registration; ANTs Affine (antspyx ``type_of_transform="Affine"``, its defaults; skipped with a
-note when antspyx is not installed, see requirements-reference.txt) and, with ``--syn``, ANTs SyN;
-``cyclereg affine`` with NCC and with MI. Columns: Dice over ``brain/eval_labels.txt`` (warped moving
+note when antspyx is not installed, see requirements-reference.txt) and, with ``--syn``, ANTs SyN (its
+defaults, which include its own affine stage); ``cyclereg affine`` with NCC and with MI; with ``--model M``,
+``cyclereg register --model M`` (its affine stage, then the model; ``--passes`` as given). Columns: Dice over ``brain/eval_labels.txt`` (warped moving
 aseg, nearest neighbour, against the fixed aseg), HD95 (mm), % of brain voxels (fixed aseg > 0) with
 det J <= 0, SDlogJ there, seconds per pair (the command's wall time, files in and out), peak memory of
-the command (RSS). A figure of the first pair: fixed, moving, after affine.
+the command (RSS). A figure of the first pair: fixed, moving, after affine, after the model.
+ITK (in ANTs and SimpleITK) and torch run on one thread each, as cyclereg's affine stage does.
 
-    python benchmarks/real_brains.py [--syn] [--pairs N]
+    python benchmarks/real_brains.py [--syn] [--pairs N] [--model MODEL [--passes N]]
 
 The held-out subjects (``HELD_OUT``) are kept out of all training (issue 19 uses the same ones).
 """
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -27,6 +30,8 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+os.environ.setdefault("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "1")  # inherited by every command run here
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import ROOT, SHARED, append_report  # noqa: E402
@@ -96,10 +101,20 @@ import json; json.dump(r["fwdtransforms"], open({str(out / 'transforms.json')!r}
     return transforms, det, seconds, peak
 
 
+def _cyclereg_model(fixed: Path, moving: Path, moving_aseg: Path, out: Path, model: Path, passes: int):
+    seconds, peak = _run([sys.executable, "-m", "cyclereg", "register", "--model", model, "--fixed", fixed, "--moving", moving,
+                          "--moving-labels", moving_aseg, "--warped-labels", out / "warped_aseg.nii.gz",
+                          "--warped", out / "warped.nii.gz", "--jacobian", out / "jacobian.nii.gz", "--passes", passes])
+    det = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "jacobian.nii.gz")))  # the whole map's, affine included
+    return sitk.ReadImage(str(out / "warped_aseg.nii.gz")), det, seconds, peak
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--syn", action="store_true", help="also ANTs SyN (about two minutes a pair)")
     p.add_argument("--pairs", type=int, default=None, help="only the first N directed pairs")
+    p.add_argument("--model", type=Path, default=None, help="also cyclereg register with this model file")
+    p.add_argument("--passes", type=int, default=1, help="--model: the register command's --passes")
     args = p.parse_args()
     labels = _labels()
     pairs = list(itertools.permutations(HELD_OUT, 2))[: args.pairs]
@@ -109,10 +124,13 @@ def main() -> None:
         ants = None
     have_ants = ants is not None
     methods = ["none", "cyclereg affine (NCC)", "cyclereg affine (MI)"]
+    model_row = f"cyclereg affine + {args.model.name}" + (f", {args.passes} passes" if args.passes > 1 else "") if args.model else None
+    if model_row:
+        methods.append(model_row)
     if have_ants:
         methods[1:1] = ["ANTs Affine"] + (["ANTs SyN"] if args.syn else [])
     results = {m: [] for m in methods}
-    figure_done = False
+    figure = {}
     for fixed_name, moving_name in pairs:
         fixed, moving = BRAINS / f"{fixed_name}_t1.nii.gz", BRAINS / f"{moving_name}_t1.nii.gz"
         fixed_aseg, moving_aseg = (sitk.ReadImage(str(BRAINS / f"{n}_aseg.nii.gz")) for n in (fixed_name, moving_name))
@@ -122,38 +140,45 @@ def main() -> None:
         for method in methods[1:]:
             with tempfile.TemporaryDirectory() as tmp:
                 out = Path(tmp)
-                if method.startswith("cyclereg"):
+                if method == model_row:
+                    warped_aseg, det, seconds, peak = _cyclereg_model(fixed, moving, BRAINS / f"{moving_name}_aseg.nii.gz", out,
+                                                                      args.model, args.passes)
+                elif method.startswith("cyclereg"):
                     transform, det, seconds, peak = _cyclereg_affine(fixed, moving, out, "mi" if "MI" in method else "ncc")
                     warped_aseg = sitk.Resample(moving_aseg, fixed_aseg, transform, sitk.sitkNearestNeighbor, 0)
-                    if not figure_done and "NCC" in method:
-                        _figure(fixed, moving, out / "warped.nii.gz", f"{moving_name} to {fixed_name}")
-                        figure_done = True
                 else:
                     transforms, det, seconds, peak = _ants(fixed, moving, out, "Affine" if method == "ANTs Affine" else "SyN")
                     warped = ants.apply_transforms(ants.image_read(str(fixed)), ants.image_read(str(BRAINS / f"{moving_name}_aseg.nii.gz")),
                                                    transforms, interpolator="nearestNeighbor")
                     ants.image_write(warped, str(out / "warped_aseg.nii.gz"))
                     warped_aseg = sitk.ReadImage(str(out / "warped_aseg.nii.gz"))
+                if (fixed_name, moving_name) == pairs[0] and method.startswith("cyclereg") and "MI" not in method:
+                    figure[method] = sitk.ReadImage(str(out / "warped.nii.gz"))
                 results[method].append({**_scores(fixed_aseg, warped_aseg, det, labels), "seconds": seconds, "peak": peak})
             print(method, fixed_name, moving_name, results[method][-1], flush=True)
+        if (fixed_name, moving_name) == pairs[0]:
+            _figure(fixed, moving, figure, f"{moving_name} to {fixed_name}")
     rows = []
-    reference = np.mean([r["seconds"] for r in results.get("ANTs Affine", [])]) if have_ants else None
+    references = {k: np.mean([r["seconds"] for r in results[k]]) for k in ("ANTs Affine", "ANTs SyN") if k in results}
     for method in methods:
         r = results[method]
         mean = {k: float(np.mean([x[k] for x in r])) for k in r[0]}
-        ratio = f"{reference / mean['seconds']:.1f}×" if reference and mean["seconds"] > 0 else "–"
+        ratios = [f"{references[k] / mean['seconds']:.1f}×" if k in references and mean["seconds"] > 0 else "–"
+                  for k in ("ANTs Affine", "ANTs SyN")]
         rows.append(f"| {method} | {mean['dice']:.3f} | {mean['hd95']:.2f} | {mean['folded']:.3f} | {mean['sdlogj']:.3f} | "
-                    f"{mean['seconds']:.1f} | {ratio} | {mean['peak']:.2f} |")
+                    f"{mean['seconds']:.1f} | {' | '.join(ratios)} | {mean['peak']:.2f} |")
     note = "" if have_ants else " antspyx was not installed: no ANTs rows in this run."
     body = (f"Held-out subjects {', '.join(HELD_OUT)}: {len(pairs)} directed pairs, whole 1 mm images, files in and out; "
             f"Dice over brain/eval_labels.txt; folds and SDlogJ over the fixed aseg's brain.{note} Figure of the first "
-            "pair: `docs/real_brains_affine.png`.\n\n| registration | Dice | HD95 (mm) | % det J ≤ 0 | SDlogJ | s/pair | "
-            "speed-up over ANTs Affine | peak memory (GiB) |\n|---|---|---|---|---|---|---|---|\n" + "\n".join(rows))
+            "pair: `docs/real_brains_affine.png`. ITK and torch on one thread.\n\n| registration | Dice | HD95 (mm) | % det J ≤ 0 | "
+            "SDlogJ | s/pair | speed-up over ANTs Affine | over ANTs SyN | peak memory (GiB) |\n"
+            "|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows))
     print(body)
     append_report("Real brains, inter-subject, in their own scanner spaces (benchmarks/real_brains.py)", body)
 
 
-def _figure(fixed: Path, moving: Path, warped: Path, title: str) -> None:
+def _figure(fixed: Path, moving: Path, warped: dict, title: str) -> None:
+    """Middle slices: fixed, moving (on the fixed grid, unregistered), and each cyclereg result in ``warped``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -161,9 +186,10 @@ def _figure(fixed: Path, moving: Path, warped: Path, title: str) -> None:
 
     f = sitk.ReadImage(str(fixed))
     m_on_f = sitk.Resample(sitk.ReadImage(str(moving)), f, sitk.Transform(), sitk.sitkLinear, 0)
-    images = [sitk.GetArrayFromImage(x) for x in (f, m_on_f, sitk.ReadImage(str(warped)))]
-    fig, axes = plt.subplots(1, 3, figsize=(9, 3.4))
-    for ax, image, name in zip(axes, images, ("fixed", "moving (no registration)", "after cyclereg affine")):
+    names = ["fixed", "moving (no registration)"] + [f"after {k}" for k in warped]
+    images = [sitk.GetArrayFromImage(x) for x in (f, m_on_f, *warped.values())]
+    fig, axes = plt.subplots(1, len(images), figsize=(3 * len(images), 3.4))
+    for ax, image, name in zip(axes, images, names):
         ax.imshow(image[image.shape[0] // 2], cmap="gray")
         ax.set_title(name, fontsize=9)
         ax.axis("off")
