@@ -143,3 +143,52 @@ def test_bad_inputs_to_register_give_one_line_errors_and_write_nothing(trained3d
     assert code == 1
     assert_one_line_error(err, "--moving")
     assert not out.exists() and list(tmp_path.iterdir()) == [bad]
+
+
+def test_scans_in_their_own_spaces_are_aligned_to_the_space_once(tmp_path):
+    """``data.align = "affine"``: a scan rotated by 60 degrees and moved, stored with other axes, lands on
+    the space's scan once aligned (not without); the cache keeps the aligned scan; the model grid takes
+    the space's axes and the preprocessing records them."""
+    from test_affine import _moved, _phantom, _rotation
+
+    root = tmp_path / "scans"
+    root.mkdir()
+    space = _phantom(3)
+    other = np.array([[0.0, 1.0, 0.0], [-1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])  # the second scan's own axes
+    moved, _ = _moved(space, _rotation(0, 60), (6.0, -4.0, 3.0), direction=other.ravel().tolist())
+    sitk.WriteImage(space, str(root / "a.nii.gz"))
+    sitk.WriteImage(moved, str(root / "b.nii.gz"))
+    prepared = {}
+    for align in ("none", "affine"):
+        cfg = folder_config(root, spacing=[2.0] * 3, align=align, cache=str(tmp_path / f"cache_{align}"), pad_multiple=1).data
+        data = ScanSet(cfg)
+        a, b = (x[0, 0].numpy() for x in data.images)
+        prepared[align] = float(np.corrcoef(a.ravel(), b.ravel())[0, 1])
+        if align == "affine":
+            assert data.preprocess.direction == tuple(space.GetDirection())
+            assert len(list((tmp_path / "cache_affine").iterdir())) == 2
+            again = ScanSet(cfg)  # from the cache: the same tensors
+            assert all(torch.equal(x, y) for x, y in zip(data.images, again.images))
+    assert prepared["affine"] > 0.9 > prepared["none"], prepared
+
+
+def test_a_model_grid_with_the_model_s_axes_covers_the_reference():
+    """``Preprocessing.direction``: the grid takes those axes whatever the reference's and covers its extent
+    (its corner voxels), with the same centre."""
+    from cyclereg.core.coords import identity_grid
+    from cyclereg.io.images import Geometry
+    from cyclereg.io.preprocess import Preprocessing, model_grid
+    from test_physical import _oblique
+
+    reference = blob((20, 18, 16), (1.0, 1.2, 1.4), (-10.0, -8.0, -6.0), _oblique(3, 0.5))
+    prep = Preprocessing(spacing=(2.0, 2.0, 2.0), direction=tuple(np.eye(3).ravel()))
+    grid = model_grid(reference, prep)
+    assert grid.direction == tuple(np.eye(3).ravel())
+    g = Geometry.of(reference)
+    corners = g.to_physical(identity_grid((2, 2, 2), dtype=torch.float64))  # the reference's corner voxels
+    inside = grid.from_physical(corners)
+    half = 0.5 / (min(grid.size) - 1)  # the size is rounded to whole model voxels: within half of one
+    assert float(inside.min()) >= -half and float(inside.max()) <= 1 + half
+    assert float(inside.min()) < 0.1 and float(inside.max()) > 0.9  # and not much larger either
+    centre = lambda geometry: geometry.to_physical(torch.full((1, 3, 1, 1, 1), 0.5, dtype=torch.float64)).flatten()  # noqa: E731
+    np.testing.assert_allclose(centre(grid).numpy(), centre(g).numpy(), atol=1e-9)

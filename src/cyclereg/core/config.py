@@ -45,6 +45,8 @@ class DataConfig:
     root: str = ""  # mnist: folder of the IDX files; folder: a folder of scans or a CSV (column image)
     pattern: str = "*.nii.gz"  # folder: which files of the folder are scans
     atlas: str = ""  # folder: register every scan to this fixed image (empty: pairs of scans)
+    align: str = "none"  # folder: "affine": align every scan affinely to the space (scans in their own spaces)
+    space: str = ""  # folder: the image whose grid and frame the scans share (default: data.atlas, else the first scan)
     digit: int = 5  # mnist: the digit to register
     holdout: float = 0.1  # mnist, folder: fraction of the images kept out for validation
     size: int = 128  # triangles: image size
@@ -201,6 +203,7 @@ def _check(cfg: Config) -> None:
     need(all(s > 0 for s in d.spacing) and len(d.spacing) in (0, 2, 3), "data.spacing",
          "an empty list or 2 or 3 spacings > 0 (mm)", d.spacing)
     need(d.pad_multiple >= 1, "data.pad_multiple", "an integer >= 1", d.pad_multiple)
+    need(d.align in ("none", "affine"), "data.align", "'none' or 'affine'", d.align)
     need(d.deform >= 0, "data.deform", "an RMS displacement >= 0 (voxels)", d.deform)
     need(d.smoothness >= 2, "data.smoothness", "at least 2 control points per axis", d.smoothness)
     need(d.digit in range(10), "data.digit", "an integer from 0 to 9", d.digit)

@@ -1,8 +1,11 @@
 """Training on scans: a folder (or a CSV) of images, all prepared on one model grid, with seeded
 augmentation that makes a training population even from a single scan.
 
-The model grid is that of the atlas (``data.atlas``) or of the first scan (:mod:`cyclereg.io.preprocess`);
-every scan is resampled onto it in physical space, so scans must be affinely aligned to each other.
+The model grid is that of the space (``data.space``, else the atlas ``data.atlas``, else the first scan;
+:mod:`cyclereg.io.preprocess`); every scan is resampled onto it in physical space. Scans in their own
+scanner spaces (real subjects) take ``data.align = "affine"``: each is first aligned to the space by the
+affine stage (:func:`~cyclereg.registration.affine.affine_register`, NCC), once (kept in ``data.cache``), and
+the model file records the space's axes so that registration runs on grids of the same orientation.
 Pairs are inter-subject (two different scans; with a single scan, the scan with itself) or
 all-to-atlas. With four scans or more the last ``data.holdout`` fraction is kept out for validation;
 with fewer, validation uses the same scans with augmentations drawn from another seed.
@@ -26,6 +29,7 @@ from cyclereg.core.errors import DataError
 from cyclereg.data.common import HELDOUT_SEED, preprocessing, random_pairs
 from cyclereg.io.images import read_image
 from cyclereg.io.preprocess import model_grid, prepare
+from cyclereg.registration.affine import affine_register
 
 __all__ = ["scan_paths", "ScanSet"]
 
@@ -63,11 +67,15 @@ class ScanSet:
         paths = scan_paths(cfg)
         n_out = max(1, math.ceil(cfg.holdout * len(paths))) if len(paths) >= 4 else 0
         self.train_paths, self.heldout_paths = (paths[:-n_out], paths[-n_out:]) if n_out else (paths, paths)
-        reference = read_image(cfg.atlas, "data.atlas") if cfg.atlas else read_image(self.train_paths[0], "data.root")
+        space = cfg.space or cfg.atlas
+        reference = read_image(space, "data.space" if cfg.space else "data.atlas") if space else read_image(self.train_paths[0], "data.root")
+        self.reference, self.space = reference, Path(space) if space else self.train_paths[0]
+        if cfg.align == "affine":
+            self.preprocess = dataclasses.replace(self.preprocess, direction=tuple(reference.GetDirection()))
         self.grid = model_grid(reference, self.preprocess)
         self.shape = tuple(reversed(self.grid.size))
-        self.atlas = prepare(reference, self.grid, self.preprocess, f"data.atlas {cfg.atlas}") if cfg.atlas else None
         self.dim = reference.GetDimension()
+        self.atlas = self._prepared(Path(cfg.atlas), "data.atlas") if cfg.atlas else None
         self.images = self._load(self.train_paths)  # one (1, 1, *shape) tensor per scan
         self.settings = AugmentSettings(deform=cfg.deform, smoothness=cfg.smoothness, affine=cfg.augment,
                                         flips=cfg.flips, permute=cfg.permute, intensity=cfg.intensity_augment)
@@ -75,14 +83,17 @@ class ScanSet:
     def _load(self, paths) -> list[torch.Tensor]:
         return [self._prepared(p) for p in paths]
 
-    def _prepared(self, path: Path) -> torch.Tensor:
+    def _prepared(self, path: Path, role: str = "scan") -> torch.Tensor:
         cached = self._cache_file(path) if self.cfg.cache else None
         if cached is not None and cached.is_file():
             return torch.from_numpy(np.load(cached, mmap_mode="c"))
-        image = read_image(path, "scan")
+        image = read_image(path, role)
         if image.GetDimension() != self.dim:
-            raise DataError(f"scan {path} is {image.GetDimension()}D; the other scans are {self.dim}D")
-        tensor = prepare(image, self.grid, self.preprocess, f"scan {path}")
+            raise DataError(f"{role} {path} is {image.GetDimension()}D; the other scans are {self.dim}D")
+        transform = None
+        if self.cfg.align == "affine" and Path(path).resolve() != self.space.resolve():
+            transform = affine_register(self.reference, image, names=("the space", f"{role} {path}")).transform()
+        tensor = prepare(image, self.grid, self.preprocess, f"{role} {path}", transform)
         if cached is not None:
             with atomic_path(cached) as tmp:
                 np.save(tmp, tensor.numpy())
@@ -97,7 +108,7 @@ class ScanSet:
             raise DataError(f"data.cache {folder}: cannot create the folder ({err.strerror})") from None
         stat = Path(path).stat()
         key = json.dumps([str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns, self.preprocess.to_dict(),
-                          dataclasses.astuple(self.grid)], default=str)
+                          dataclasses.astuple(self.grid), self.cfg.align, str(self.space)], default=str)
         return folder / f"{Path(path).name.split('.')[0]}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.npy"
 
     def _pick(self, images: list, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -118,6 +129,7 @@ class ScanSet:
     def summary(self) -> dict:
         """What the model was trained on, for the model file's header."""
         return {"dataset": "folder", "root": self.cfg.root, "pattern": self.cfg.pattern, "atlas": self.cfg.atlas,
+                "space": self.cfg.space, "align": self.cfg.align, "all_scans": [str(p) for p in self.train_paths],
                 "scans": len(self.train_paths), "heldout_scans": 0 if self.heldout_paths is self.train_paths else len(self.heldout_paths),
                 "first_scans": [str(p) for p in self.train_paths[:3]], "shape": list(self.shape)}
 

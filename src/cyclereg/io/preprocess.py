@@ -42,6 +42,7 @@ class Preprocessing:
     range: tuple = (0.0, 1.0)  # the model's input range
     spacing: tuple = ()  # the model grid's spacing in mm, ITK order (x, y[, z]); empty: the image's own grid
     pad_multiple: int = 1  # the model grid's size is rounded up to a multiple of this
+    direction: tuple = ()  # the model grid's axes (ITK direction, row-major); empty: the reference image's
 
     def __post_init__(self):
         if self.intensity not in INTENSITY_MODES:
@@ -59,20 +60,24 @@ class Preprocessing:
 
 def model_grid(reference: sitk.Image, prep: Preprocessing, size=None) -> Geometry:
     """The model grid of ``reference`` (see the module docstring). ``size`` (ITK order) forces the
-    grid's size, for networks built for one input shape."""
+    grid's size, for networks built for one input shape. With ``prep.direction`` (a model trained in a
+    common space) the grid takes those axes, whatever the reference's, and covers its extent along them."""
     ref = Geometry.of(reference)
     spacing = tuple(float(s) for s in prep.spacing) if prep.spacing else ref.spacing
     if len(spacing) != ref.dim:
         raise DataError(f"the model's spacing {spacing} is {len(spacing)}D but the image is {ref.dim}D")
+    own = np.asarray(ref.direction, float).reshape(ref.dim, ref.dim)
+    direction = np.asarray(prep.direction, float).reshape(ref.dim, ref.dim) if prep.direction else own
     if size is None:
+        # The reference's extent along the grid's axes (its own axes: its size times its spacing).
+        extent = np.abs(direction.T @ own) @ (np.asarray(ref.spacing) * np.asarray(ref.size))
         m = max(1, prep.pad_multiple)
-        size = tuple(int(math.ceil(max(2, round(n * s / t)) / m) * m) for n, s, t in zip(ref.size, ref.spacing, spacing))
+        size = tuple(int(math.ceil(max(2, round(e / t)) / m) * m) for e, t in zip(extent, spacing))
     size = tuple(int(n) for n in size)
     # Same centre as the reference: origin = centre - direction @ (spacing * (size - 1) / 2).
-    direction = np.asarray(ref.direction, float).reshape(ref.dim, ref.dim)
-    centre = np.asarray(ref.origin) + direction @ (np.asarray(ref.spacing) * (np.asarray(ref.size) - 1) / 2)
+    centre = np.asarray(ref.origin) + own @ (np.asarray(ref.spacing) * (np.asarray(ref.size) - 1) / 2)
     origin = centre - direction @ (np.asarray(spacing) * (np.asarray(size) - 1) / 2)
-    return Geometry(size, spacing, tuple(float(o) for o in origin), ref.direction)
+    return Geometry(size, spacing, tuple(float(o) for o in origin), tuple(float(v) for v in direction.ravel()))
 
 
 def resample(image: sitk.Image, grid: Geometry, nearest: bool = False, default: float = 0.0,
