@@ -40,10 +40,11 @@ def load_model(path, device=None) -> Model:
 
 
 def _as_model(model) -> Model:
-    from cyclereg.core.errors import UsageError
-
+    """A loaded model, a model file's path, or None: the model that ships with cyclereg."""
     if model is None:
-        raise UsageError("register: no model given (model=PATH or a loaded model); no model ships with this version")
+        from cyclereg.models.shipped import default_model
+
+        return load_model(default_model())
     return model if isinstance(model, Model) else load_model(model)
 
 

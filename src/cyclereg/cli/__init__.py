@@ -24,13 +24,13 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
-    from cyclereg.cli import affine, demo, evaluate, optimize, register, train
+    from cyclereg.cli import affine, demo, evaluate, models, optimize, register, train
 
     p = _Parser(prog="cyclereg", description="Unsupervised deformable image registration with inverse and cycle consistency.")
     p.add_argument("--version", action="version", version=f"cyclereg {__version__}")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    for command in (demo, train, evaluate, register, affine, optimize):
+    for command in (demo, train, evaluate, register, affine, optimize, models):
         command.add(sub)
     return p
 

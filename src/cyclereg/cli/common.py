@@ -50,11 +50,16 @@ def csv_affine(args) -> str:
 
 
 def load(args, device=None):
-    """The model of ``--model`` on its device, compiled first with ``--compile`` (time on stderr)."""
+    """The model of ``--model`` (default: the shipped one) on its device, compiled first with ``--compile``
+    (time on stderr)."""
     from cyclereg.models.registration import compile_networks
     from cyclereg.models.modelfile import load_model
 
     device = device or device_of(args.device)
+    if args.model is None:
+        from cyclereg.models.shipped import default_model
+
+        args.model = str(default_model())
     model, info = load_model(args.model, device)
     if getattr(args, "compile", False):
         seconds = compile_networks(model, info.shape, device)

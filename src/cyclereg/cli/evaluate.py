@@ -10,7 +10,8 @@ from cyclereg.core.errors import UsageError
 
 def add(sub) -> None:
     ev = sub.add_parser("evaluate", help="score a model on held-out pairs")
-    ev.add_argument("--model", required=True)
+    ev.add_argument("--model", help="a model file (default: the model that ships with cyclereg, "
+                    "3D brain T1; `cyclereg models` lists it)")
     ev.add_argument("--dataset", choices=["mnist", "triangles"], default=None)
     ev.add_argument("--root", default=None, help="mnist: folder of the IDX files (default: the model's)")
     ev.add_argument("--split", choices=["train", "heldout", "test"], default="heldout",

@@ -11,7 +11,8 @@ from cyclereg.core.errors import UsageError
 
 def add(sub) -> None:
     rg = sub.add_parser("register", help="register a moving image to a fixed image, or every pair of a CSV")
-    rg.add_argument("--model", required=True)
+    rg.add_argument("--model", help="a model file (default: the model that ships with cyclereg, "
+                    "3D brain T1; `cyclereg models` lists it)")
     rg.add_argument("--fixed", help="fixed image (or use --pairs-csv)")
     rg.add_argument("--moving", help="moving image (or use --pairs-csv)")
     rg.add_argument("--pairs-csv", help="register every pair of this CSV (columns fixed, moving[, moving_labels, name]) "

@@ -4,8 +4,9 @@ Header keys (all strings, as safetensors stores them): ``format`` (``"cyclereg-m
 ``format_version``, ``cyclereg_version``, ``config`` (the training config as JSON), ``dim``,
 ``shape`` (the model grid's shape in training, tensor order), ``preprocess`` (the preprocessing of
 :class:`~cyclereg.io.preprocess.Preprocessing` as JSON: intensity normalisation, model spacing, padding)
-``training`` (what the model was trained on and for how long, as JSON; absent in older files) and
-``weights_sha256``. Format version 1 (before ``preprocess``) had ``intensity``, the input range.
+``training`` (what the model was trained on and for how long, as JSON; absent in older files),
+``provenance`` (a shipped model's commit, training subjects and held-out scores, as JSON; only in shipped
+models, :mod:`cyclereg.models.shipped`) and ``weights_sha256``. Format version 1 (before ``preprocess``) had ``intensity``, the input range.
 The format is described for users in ``docs/model_format.md``.
 """
 
@@ -30,7 +31,7 @@ from cyclereg.io.preprocess import Preprocessing
 FORMAT = "cyclereg-model"
 FORMAT_VERSION = 3
 
-__all__ = ["ModelInfo", "save_model", "load_model", "weights_digest", "read_init", "initialise_from"]
+__all__ = ["ModelInfo", "save_model", "load_model", "read_header", "weights_digest", "read_init", "initialise_from"]
 
 
 @dataclass
@@ -66,7 +67,7 @@ def build_from_info(info: ModelInfo) -> RegistrationModel:
     return build_model(steps, info.dim, info.shape, method=m.method, shared=m.shared, units=info.field_units, svf=m.svf)
 
 
-def save_model(path, model: RegistrationModel, info: ModelInfo) -> None:
+def save_model(path, model: RegistrationModel, info: ModelInfo, provenance: dict | None = None) -> None:
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     meta = {
         "format": FORMAT,
@@ -79,9 +80,19 @@ def save_model(path, model: RegistrationModel, info: ModelInfo) -> None:
         "training": json.dumps(info.training),
         "field_units": info.field_units,
         "weights_sha256": weights_digest(tensors),
+        **({"provenance": json.dumps(provenance)} if provenance else {}),
     }
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
+
+
+def read_header(path) -> dict:
+    """A model file's header (strings), without its weights."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise DataError(f"model file {path} is not a cyclereg model (cannot read safetensors: {err})") from None
 
 
 def load_model(path, device="cpu") -> tuple[RegistrationModel, ModelInfo]:

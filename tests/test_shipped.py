@@ -1,0 +1,79 @@
+"""Shipped models (``cyclereg.models.shipped``, ``cyclereg models``): a model file in the package's weights
+folder with its provenance in its header, used by ``register`` and the Python API when no model is given."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+import cyclereg
+from cyclereg.cli import main
+from cyclereg.core.config import config_from_dict
+from cyclereg.core.errors import DataError
+from cyclereg.models import shipped
+from cyclereg.models.modelfile import ModelInfo, build_from_info, read_header, save_model
+
+from conftest import smooth_image, tiny_config_dict
+
+PROVENANCE = {"commit": "0123abc", "subjects": ["a", "b", "c"], "steps": 40, "heldout": {"dice": 0.5, "n_pairs": 6}}
+
+
+@pytest.fixture
+def folder(tmp_path, monkeypatch):
+    monkeypatch.setattr(shipped, "FOLDER", tmp_path / "weights")
+    return tmp_path / "weights"
+
+
+@pytest.fixture
+def images(tmp_path):
+    out = {}
+    for name, seed in (("fixed", 1), ("moving", 2)):
+        image = sitk.GetImageFromArray(smooth_image((16, 16), 1, seed=seed)[0, 0].numpy().astype(np.float32))
+        sitk.WriteImage(image, str(tmp_path / f"{name}.mha"))
+        out[name] = tmp_path / f"{name}.mha"
+    return out
+
+
+def _model_file(path):
+    info = ModelInfo(config_from_dict(tiny_config_dict()), (16, 16), training={"steps": 40})
+    save_model(path, build_from_info(info).eval(), info)
+    return path
+
+
+def test_a_shipped_model_is_listed_and_used_without_model(folder, images, tmp_path, capsys):
+    out = shipped.ship(_model_file(tmp_path / "m.safetensors"), shipped.DEFAULT, PROVENANCE)
+    assert out == folder / "brain_t1.safetensors"
+    header = json.loads(read_header(out)["provenance"])
+    assert header["commit"] == "0123abc" and header["heldout"]["dice"] == 0.5 and header["training"] == {"steps": 40}
+    assert main(["models", "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert listed["name"] == "brain_t1" and listed["subjects"] == ["a", "b", "c"] and listed["megabytes"] < 20
+    assert main(["models"]) == 0
+    assert "brain_t1 (default)" in capsys.readouterr().out
+    argv = ["register", "--fixed", str(images["fixed"]), "--moving", str(images["moving"]), "--affine", "none",
+            "--warped", str(tmp_path / "w.mha"), "--device", "cpu"]
+    assert main(argv) == 0
+    from_cli = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "w.mha")))
+    from_api = sitk.GetArrayFromImage(cyclereg.register(images["fixed"], images["moving"], affine="none").warped)
+    np.testing.assert_allclose(from_api, from_cli, atol=1e-5)
+
+
+def test_without_a_shipped_model_register_needs_model(folder, images, tmp_path, capsys):
+    assert main(["models"]) == 0
+    assert "no model ships" in capsys.readouterr().out
+    code = main(["register", "--fixed", str(images["fixed"]), "--moving", str(images["moving"]),
+                 "--warped", str(tmp_path / "w.mha")])
+    assert code == 2
+    assert capsys.readouterr().err == ("cyclereg: error: no --model given and no default model (brain_t1) ships with this "
+                                       "cyclereg; name a model file with --model (README: training)\n")
+    assert not (tmp_path / "w.mha").exists()
+
+
+def test_a_model_over_the_size_limit_is_not_shipped(folder, tmp_path, monkeypatch):
+    monkeypatch.setattr(shipped, "MAX_BYTES", 1000)
+    with pytest.raises(DataError, match="under 20 MB"):
+        shipped.ship(_model_file(tmp_path / "m.safetensors"), "big", PROVENANCE)
+    assert list(folder.iterdir()) == []
