@@ -127,9 +127,28 @@ def test_train_refuses_to_overwrite_a_run_and_to_resume_nothing(trained, tmp_pat
     assert code == 2
     assert_one_line_error(err, "already holds a run", trained)
     assert (trained / "log.jsonl").read_text() == before
-    code, _, err = run_cli(capsys, "train", config, "--out", tmp_path / "empty", "--resume", "--quiet")
-    assert code == 2
-    assert_one_line_error(err, "--resume", "no checkpoint")
+
+
+def test_resume_before_the_first_checkpoint_starts_over_and_a_complete_run_is_left_alone(trained, tmp_path, capsys):
+    """A requeued job keeps its command line: ``--resume`` in a folder without a checkpoint (killed before
+    its first one, a log line left behind) trains from step 0, bit-identical to a fresh run; ``--resume``
+    of a complete run says so, exits 0 and leaves the model as it is."""
+    config = write_config(tmp_path / "c.toml", steps=3)
+    requeued = tmp_path / "requeued"
+    requeued.mkdir()
+    (requeued / "log.jsonl").write_text(json.dumps({"step": 1, "loss": -1.0}) + "\n")
+    code, _, err = run_cli(capsys, "train", config, "--out", requeued, "--resume", "--quiet", "--device", "cpu")
+    assert code == 0 and f"no checkpoint in {requeued} yet; starting from step 0" in err
+    assert all(r.get("loss", 0) >= 0 for r in read_log(requeued / "log.jsonl"))
+    fresh = tmp_path / "fresh"
+    assert run_cli(capsys, "train", config, "--out", fresh, "--quiet", "--device", "cpu")[0] == 0
+    for (name, a), b in zip(load_model(requeued / "model.safetensors")[0].state_dict().items(),
+                            load_model(fresh / "model.safetensors")[0].state_dict().values()):
+        assert torch.equal(a, b), name
+    before = (fresh / "model.safetensors").read_bytes(), (fresh / "model.safetensors").stat().st_mtime_ns
+    code, stdout, err = run_cli(capsys, "train", config, "--out", fresh, "--resume", "--quiet", "--device", "cpu")
+    assert code == 0 and "is complete (step 3 of 3)" in err and "model written to" in stdout
+    assert ((fresh / "model.safetensors").read_bytes(), (fresh / "model.safetensors").stat().st_mtime_ns) == before
 
 
 def test_resume_with_another_model_config_is_refused(trained, tmp_path, capsys):
@@ -140,7 +159,11 @@ def test_resume_with_another_model_config_is_refused(trained, tmp_path, capsys):
     config = write_config(tmp_path / "c.toml", steps=8)
     code, _, err = run_cli(capsys, "train", config, "--out", copy, "--resume", "--set", "model.lam=2", "--quiet")
     assert code == 2
-    assert_one_line_error(err, "another model or data config")
+    assert_one_line_error(err, "another config: model.lam differs")
+    for option, key in (("train.lr=0.5", "train.lr"), ("data.size=20", "data.size")):
+        code, _, err = run_cli(capsys, "train", config, "--out", copy, "--resume", "--set", option, "--quiet")
+        assert code == 2
+        assert_one_line_error(err, f"another config: {key} differs")
 
 
 # --- evaluate ----------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import json
 import math
 import pickle
 import signal
+import sys
 import threading
 import time
 import warnings
@@ -110,9 +111,30 @@ def _read_checkpoint(path: Path, cfg: Config) -> dict:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise DataError(f"checkpoint {path} cannot be read ({first})") from None
     saved = state.get("config", {}) if isinstance(state, dict) else {}
-    if saved.get("model") != cfg.to_dict()["model"] or saved.get("data") != cfg.to_dict()["data"]:
-        raise UsageError(f"--resume: checkpoint {path} was trained with another model or data config")
+    key = _first_difference(saved, cfg.to_dict())
+    if key is not None:
+        raise UsageError(f"--resume: checkpoint {path} was trained with another config: {key} differs")
     return state
+
+
+# Keys that a resumed run may change: how long it runs (a run continued to more steps) and how it reports.
+_FREE = {"train.steps", "train.val_every", "train.log_every", "train.checkpoint_every", "train.workers"}
+
+
+def _first_difference(saved: dict, current: dict, prefix: str = "") -> str | None:
+    """The first key (dotted, in the current config's order) whose value changes the result and differs."""
+    for name in dict.fromkeys([*current, *saved]):
+        key = f"{prefix}{name}"
+        a, b = saved.get(name), current.get(name)
+        if key in _FREE or key == "train.init":  # init: the weights come from the checkpoint
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            inner = _first_difference(a, b, f"{key}.")
+            if inner:
+                return inner
+        elif a != b:
+            return key
+    return None
 
 
 def _restore(state: dict, model, optimizer, ctx: Context) -> int:
@@ -225,8 +247,9 @@ class _Run:
         return scores
 
 
-def _open_run(cfg: Config, out: Path, resume: bool, ctx: Context) -> _Run:
-    """Check the run folder, then build the data, the model and the optimiser, resumed if asked."""
+def _open_run(cfg: Config, out: Path, resume: bool, ctx: Context) -> _Run | None:
+    """Check the run folder, then build the data, the model and the optimiser, resumed if asked (None: the
+    run resumed is complete)."""
     run = _Run(cfg, out, ctx)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file; expected a folder for the run")
@@ -234,13 +257,20 @@ def _open_run(cfg: Config, out: Path, resume: bool, ctx: Context) -> _Run:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise UsageError(f"--out {out}: cannot create the folder ({err.strerror})") from None
-    if resume and not run.checkpoint.exists():
-        raise UsageError(f"--resume: no checkpoint in {out}")
+    if resume and not run.checkpoint.exists():  # killed before its first checkpoint: a requeued job starts over
+        if ctx.main:
+            print(f"cyclereg: --resume: no checkpoint in {out} yet; starting from step 0", file=sys.stderr)
+        resume = False
     if not resume and run.checkpoint.exists():
         raise UsageError(f"{out} already holds a run (checkpoint.pt); use --resume or another --out")
     ctx.barrier()  # every rank has looked before rank 0 writes anything
 
     saved = _read_checkpoint(run.checkpoint, cfg) if resume else None  # before any slow work
+    if saved is not None and int(saved["step"]) >= cfg.train.steps and (out / "model.safetensors").is_file():
+        if ctx.main:
+            print(f"cyclereg: --resume: the run in {out} is complete (step {int(saved['step'])} of "
+                  f"{cfg.train.steps}); its model is left as it is", file=sys.stderr)
+        return None
     init = read_init(cfg.train.init) if cfg.train.init and not resume else None  # resumed: weights in the checkpoint
     if ctx.main:
         for stale in out.glob(".checkpoint.*.pt"):  # a write cut short by a crash (the rename never happened)
@@ -298,6 +328,8 @@ def _optimise(run: _Run, loss_fn, settings, moving, fixed, autocast) -> tuple[to
 
 def _train(cfg: Config, out: Path, resume: bool, ctx: Context, progress: bool) -> Path:
     run = _open_run(cfg, out, resume, ctx)
+    if run is None:  # resumed a complete run
+        return out / "model.safetensors"
     total, every = cfg.train.steps, cfg.train
     bar = tqdm(total=total, initial=run.step, desc="train", disable=not progress, dynamic_ncols=True)
     current = None
