@@ -496,6 +496,31 @@ def test_register_a_csv_of_pairs_with_one_model_and_split_across_ranks(trained, 
     assert sorted(p.name for p in split.iterdir()) == ["fixed_to_moving_transform.h5", "fixed_to_moving_warped.nii.gz"]
 
 
+def test_a_batch_rerun_after_a_crash_does_only_the_pairs_left(trained, pair_files, tmp_path, capsys):
+    """``--out-dir`` is created; a rerun skips the pairs whose outputs are all there and registers the
+    rest (a pair that lost an output is done again), leaving the finished files untouched; ``--overwrite``
+    redoes every pair."""
+    csv = tmp_path / "pairs.csv"
+    csv.write_text("fixed,moving,name\n" + "".join(f"{pair_files['fixed']},{pair_files['moving']},p{i}\n" for i in range(3)))
+    out = tmp_path / "new" / "out"
+    argv = ["register", "--model", trained / "model.safetensors", "--pairs-csv", csv, "--out-dir", out, "--affine", "none"]
+    code, stdout, err = run_cli(capsys, *argv)
+    assert code == 0, err
+    assert all("folds" in json.loads(line) for line in stdout.splitlines())
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    assert len(stamps) == 6
+    (out / "p1_transform.h5").unlink()  # the batch died while writing pair 1's transform
+    code, stdout, err = run_cli(capsys, *argv)
+    assert code == 0, err
+    done = {json.loads(line)["name"]: json.loads(line).get("skipped", False) for line in stdout.splitlines()}
+    assert done == {"p0": True, "p1": False, "p2": True}
+    after = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    assert sorted(after) == sorted(stamps)
+    assert all(after[k] == stamps[k] for k in after if not k.startswith("p1_"))
+    code, stdout, _ = run_cli(capsys, *argv, "--overwrite")
+    assert code == 0 and not any(json.loads(line).get("skipped") for line in stdout.splitlines())
+
+
 def test_register_csv_refuses_duplicate_names_and_mixed_options(trained, pair_files, tmp_path, capsys):
     csv = tmp_path / "pairs.csv"
     csv.write_text(f"fixed,moving\n{pair_files['fixed']},{pair_files['moving']}\n{pair_files['fixed']},{pair_files['moving']}\n")

@@ -18,7 +18,9 @@ def add(sub) -> None:
     rg.add_argument("--pairs-csv", help="register every pair of this CSV (columns fixed, moving[, moving_labels, name]) "
                                          "with the model loaded once; outputs in --out-dir; under torchrun the pairs are "
                                          "split across processes")
-    rg.add_argument("--out-dir", help="--pairs-csv: folder for NAME_warped.nii.gz, NAME_transform.h5, ...")
+    rg.add_argument("--out-dir", help="--pairs-csv: folder for NAME_warped.nii.gz, NAME_transform.h5, ... (created if "
+                    "missing); a rerun skips the pairs whose outputs are all there")
+    rg.add_argument("--overwrite", action="store_true", help="--pairs-csv: register every pair again, even those done")
     rg.add_argument("--outputs", default="warped,transform",
                     help="--pairs-csv: which outputs, of warped,transform,transform_inverse,jacobian,figure (default: %(default)s)")
     rg.add_argument("--warped", help="warped moving image (fixed image's grid)")
@@ -90,7 +92,7 @@ def register_pairs_csv(args) -> int:
     outputs = [o.strip() for o in args.outputs.split(",") if o.strip()]
     for summary in register_csv(model, info, args.pairs_csv, args.out_dir, outputs, tuning,
                                 ctx.rank, ctx.world, progress=ctx.main, affine=affine,
-                                affine_similarity=args.affine_similarity):
+                                affine_similarity=args.affine_similarity, overwrite=args.overwrite):
         print(json.dumps(summary), flush=True)
     return 0
 
