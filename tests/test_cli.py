@@ -521,6 +521,37 @@ def test_a_batch_rerun_after_a_crash_does_only_the_pairs_left(trained, pair_file
     assert code == 0 and not any(json.loads(line).get("skipped") for line in stdout.splitlines())
 
 
+def test_an_evaluation_rerun_after_a_crash_scores_only_the_pairs_left(trained, pair_files, tmp_path, capsys, monkeypatch):
+    """``--per-pair`` is rewritten whole after every pair; a rerun takes the pairs already in it and scores
+    the rest: no pair scored twice, no row duplicated, the same summary as one uninterrupted run."""
+    from cyclereg.evaluation import files
+
+    csv_path = tmp_path / "pairs.csv"
+    pairs = [(pair_files["fixed"], pair_files["moving"]), (pair_files["moving"], pair_files["fixed"]),
+             (pair_files["fixed"], pair_files["fixed"])]
+    csv_path.write_text("fixed,moving\n" + "".join(f"{f},{m}\n" for f, m in pairs))
+    per_pair, summary = tmp_path / "per_pair.csv", tmp_path / "s.json"
+    argv = ["evaluate", "--model", trained / "model.safetensors", "--pairs-csv", csv_path, "--per-pair", per_pair,
+            "--json", summary, "--affine", "none"]
+    assert run_cli(capsys, *argv)[0] == 0
+    whole = per_pair.read_text().splitlines()
+    first = {k: v for k, v in json.loads(summary.read_text()).items() if k != "seconds_per_pair"}
+    assert len(whole) == 4 and [line.split(",")[0] for line in whole[1:]] == ["0", "1", "2"]
+    per_pair.write_text("\n".join(whole[:2] + whole[3:]) + "\n")  # the run died while scoring pair 1
+    calls = []
+    real = files._score_pair
+    monkeypatch.setattr(files, "_score_pair", lambda *a, **k: calls.append(a[2]["pair"]) or real(*a, **k))
+    assert run_cli(capsys, *argv)[0] == 0
+    assert calls == [1]
+    assert per_pair.read_text().splitlines()[0] == whole[0] and len(per_pair.read_text().splitlines()) == 4
+    again = {k: v for k, v in json.loads(summary.read_text()).items() if k != "seconds_per_pair"}
+    assert again.keys() == first.keys()
+    for key, value in first.items():
+        assert again[key] == (pytest.approx(value, rel=1e-6, nan_ok=True) if isinstance(value, float) else value), key
+    calls.clear()
+    assert run_cli(capsys, *argv, "--overwrite")[0] == 0 and calls == [0, 1, 2]
+
+
 def test_register_csv_refuses_duplicate_names_and_mixed_options(trained, pair_files, tmp_path, capsys):
     csv = tmp_path / "pairs.csv"
     csv.write_text(f"fixed,moving\n{pair_files['fixed']},{pair_files['moving']}\n{pair_files['fixed']},{pair_files['moving']}\n")

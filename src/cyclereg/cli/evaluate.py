@@ -20,7 +20,9 @@ def add(sub) -> None:
     ev.add_argument("--size", type=int, default=None, help="triangles: image size (default: the model's)")
     ev.add_argument("--pairs-csv", default=None, help="CSV with columns fixed, moving[, fixed_labels, moving_labels, affine]")
     ev.add_argument("--labels", default=None, help="--pairs-csv: labels scored (a file with one per line, or 2,3,4; default: all in the fixed labels)")
-    ev.add_argument("--per-pair", default=None, help="--pairs-csv: write the per-pair scores to this CSV")
+    ev.add_argument("--per-pair", default=None, help="--pairs-csv: write the per-pair scores to this CSV (after every "
+                    "pair; a rerun after a crash scores only the pairs not in it)")
+    ev.add_argument("--overwrite", action="store_true", help="--pairs-csv: score every pair again, ignoring --per-pair's rows")
     ev.add_argument("--pairs", type=int, default=100, help="number of random pairs (default: %(default)s)")
     ev.add_argument("--seed", type=int, default=0)
     add_affine_options(ev)
@@ -52,7 +54,7 @@ def run(args) -> int:
             model = passes(args, model)
             summary = evaluate_csv(model, info, args.pairs_csv, tuning=tuning,
                                    labels=labels, per_pair=args.per_pair, ctx=ctx, affine=affine,
-                                   affine_similarity=args.affine_similarity)
+                                   affine_similarity=args.affine_similarity, overwrite=args.overwrite)
         if summary is None:  # not rank 0: rank 0 reports
             return 0
     else:

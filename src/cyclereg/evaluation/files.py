@@ -65,7 +65,7 @@ def _score_pair(model, info, row: dict, labels, tuning: InstanceOptimisation, af
     g_fixed, g_moving = Geometry.of(pair.fixed), Geometry.of(pair.moving)
     spacing = tuple(reversed(g_fixed.spacing))
     det = grid.det.cpu().numpy()
-    out = {"fixed": row["fixed"], "moving": row["moving"], "seconds": seconds,
+    out = {"pair": row["pair"], "fixed": row["fixed"], "moving": row["moving"], "seconds": seconds,
            **({"affine_seconds": pair.affine_summary["seconds"]} if "seconds" in (pair.affine_summary or {}) else {}),
            "ic_error_mm": float((back - grid.fixed_physical.double()).norm(dim=1).mean()),
            "folds": int(folded(torch.from_numpy(det)).sum()), "folded_percent": folded_percent(det), "log_jacobian_std": log_jacobian_std(det)}
@@ -96,25 +96,72 @@ def _normalised(image, info) -> torch.Tensor:
     return prepare(image, model_grid(image, prep), prep)
 
 
+def _write_per_pair(path, results: list[dict]) -> None:
+    """The per-pair table, whole, atomically: a crash leaves the previous one or this one."""
+    columns = list(dict.fromkeys(k for r in results for k in r))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, columns)
+    writer.writeheader()
+    writer.writerows(results)
+    write_text(path, buffer.getvalue())
+
+
+def _scored_rows(path, rows: list[dict]) -> dict[int, dict]:
+    """The rows of an earlier per-pair table that still match the pairs CSV, by index, numbers parsed."""
+    path = Path(path)
+    if not path.is_file():
+        return {}
+    try:
+        with path.open(newline="") as f:
+            table = list(csv.DictReader(f))
+    except (UnicodeDecodeError, csv.Error):
+        return {}
+    out = {}
+    for saved in table:
+        index = int(saved["pair"]) if (saved.get("pair") or "").isdigit() else -1
+        if 0 <= index < len(rows) and saved.get("fixed") == rows[index]["fixed"] and saved.get("moving") == rows[index]["moving"]:
+            out[index] = {k: _number(v) for k, v in saved.items() if v != ""}
+    return out
+
+
+def _number(text: str):
+    try:
+        value = float(text)
+    except ValueError:
+        return text
+    return int(value) if text.lstrip("-").isdigit() else value
+
+
 def evaluate_csv(model, info, csv_path, tuning: InstanceOptimisation = NO_IO, labels=None, per_pair=None,
-                 progress: bool = True, ctx=None, affine="auto", affine_similarity: str = "ncc") -> dict | None:
+                 progress: bool = True, ctx=None, affine="auto", affine_similarity: str = "ncc",
+                 overwrite: bool = False) -> dict | None:
     """Score every pair of ``csv_path``, each after the affine stage (``affine``: ``auto``, ``none``, a
     transform file; a column ``affine`` names one per pair); write the per-pair table to ``per_pair`` (CSV) if given and
     return the summary (means over pairs).
 
     With a :class:`~cyclereg.core.distributed.Context` of several processes (``torchrun``), each scores
     rows ``rank, rank + world, ...``; rank 0 gathers them, writes and returns the summary, the
-    others return None. An error on any rank stops every rank with that error."""
+    others return None. An error on any rank stops every rank with that error.
+
+    With one process the per-pair table is rewritten whole after every pair (column ``pair``: the row's
+    index), so a rerun after a crash takes the rows already scored from it and scores the rest, unless
+    ``overwrite``."""
     from cyclereg.core.distributed import Context
 
     ctx = ctx or Context()
     rows = read_pairs_csv(csv_path)
+    previous = {} if overwrite or not per_pair or ctx.world > 1 else _scored_rows(per_pair, rows)
     scored, failure = [], None
+
+    def work(i):
+        return previous[i] if i in previous else _score_pair(model, info, {**rows[i], "pair": i}, labels, tuning, affine,
+                                                             affine_similarity)
+
     try:
-        for i, result in each_row(csv_path, range(ctx.rank, len(rows), ctx.world),
-                                  lambda i: _score_pair(model, info, rows[i], labels, tuning, affine, affine_similarity), "evaluate",
-                                  progress and ctx.main):
+        for i, result in each_row(csv_path, range(ctx.rank, len(rows), ctx.world), work, "evaluate", progress and ctx.main):
             scored.append((i, result))
+            if per_pair and ctx.world == 1:
+                _write_per_pair(per_pair, [r for _, r in sorted(scored + [(j, r) for j, r in previous.items() if j > i])])
     except CycleregError as err:  # stop every rank with the first failure of any
         failure = (err.row, type(err), str(err))
     gathered = ctx.gather((scored, failure))
@@ -126,12 +173,7 @@ def evaluate_csv(model, info, csv_path, tuning: InstanceOptimisation = NO_IO, la
         return None
     results = [r for _, r in sorted(item for part, _ in gathered for item in part)]
     if per_pair:
-        columns = list(dict.fromkeys(k for r in results for k in r))
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, columns)
-        writer.writeheader()
-        writer.writerows(results)
-        write_text(per_pair, buffer.getvalue())
+        _write_per_pair(per_pair, results)
 
     def mean(key):
         values = [r[key] for r in results if key in r and np.isfinite(r[key])]
