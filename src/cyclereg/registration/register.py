@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from cyclereg.core.coords import identity_grid
 from cyclereg.core.errors import DataError, UsageError
 from cyclereg.core.atomic import atomic_path
+from cyclereg.core.locks import folder_lock
 from cyclereg.io.images import Geometry, image_to_tensor, read_image, write_image
 from cyclereg.io.transforms import (affine_parts, affine_transform, displacement_transform, is_transform_file, read_affine,
                                     read_transform, write_displacement, write_transform)
@@ -360,8 +361,8 @@ def register_csv(model, info, csv_path, out_dir, outputs=("warped", "transform")
                                  **{k: str(v) for k, v in files.items()})
         return {"name": name, "fixed": row["fixed"], "moving": row["moving"], **summary}
 
-    for _, summary in each_row(csv_path, range(rank, len(rows), world), one, "register", progress):
-        yield summary
+    with folder_lock(out_dir, "--out-dir", enabled=rank == 0):
+        yield from (summary for _, summary in each_row(csv_path, range(rank, len(rows), world), one, "register", progress))
 
 
 def _stem(path) -> str:

@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from cyclereg.core import distributed
 from cyclereg.core.atomic import atomic_path
+from cyclereg.core.locks import folder_lock
 from cyclereg.core.config import Config
 from cyclereg.data.datasets import training_data
 from cyclereg.core.distributed import Context
@@ -208,8 +209,16 @@ def train(cfg: Config, out, resume: bool = False, device=None, progress: bool = 
 
     Started by ``torchrun``, every process runs this and they train one model together
     (:mod:`cyclereg.core.distributed`); ``train.batch_size`` is then the batch of each process."""
+    out = Path(out)
     with distributed.session(torch.device(device) if device else None) as ctx:
-        return _train(cfg, Path(out), resume, ctx, progress and ctx.main)
+        if out.exists() and not out.is_dir():
+            raise UsageError(f"--out {out} is a file; expected a folder for the run")
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise UsageError(f"--out {out}: cannot create the folder ({err.strerror})") from None
+        with folder_lock(out, "--out", enabled=ctx.main):  # one job per run folder (a requeued one takes it over)
+            return _train(cfg, out, resume, ctx, progress and ctx.main)
 
 
 @dataclass
@@ -251,12 +260,6 @@ def _open_run(cfg: Config, out: Path, resume: bool, ctx: Context) -> _Run | None
     """Check the run folder, then build the data, the model and the optimiser, resumed if asked (None: the
     run resumed is complete)."""
     run = _Run(cfg, out, ctx)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} is a file; expected a folder for the run")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UsageError(f"--out {out}: cannot create the folder ({err.strerror})") from None
     if resume and not run.checkpoint.exists():  # killed before its first checkpoint: a requeued job starts over
         if ctx.main:
             print(f"cyclereg: --resume: no checkpoint in {out} yet; starting from step 0", file=sys.stderr)
