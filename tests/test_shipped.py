@@ -67,8 +67,8 @@ def test_without_a_shipped_model_register_needs_model(folder, images, tmp_path, 
     code = main(["register", "--fixed", str(images["fixed"]), "--moving", str(images["moving"]),
                  "--warped", str(tmp_path / "w.mha")])
     assert code == 2
-    assert capsys.readouterr().err == ("cyclereg: error: no --model given and no default model (brain_t1) ships with this "
-                                       "cyclereg; name a model file with --model (README: training)\n")
+    assert capsys.readouterr().err == ("cyclereg: error: no model given (--model) and no default model (brain_t1) ships "
+                                       "with this cyclereg; name a model file (README: training)\n")
     assert not (tmp_path / "w.mha").exists()
 
 

@@ -29,8 +29,8 @@ def default_model(folder: Path | None = None) -> Path:
     """The file of the default shipped model, or a clear error if this installation has none."""
     path = shipped(folder).get(DEFAULT)
     if path is None:
-        raise UsageError(f"no --model given and no default model ({DEFAULT}) ships with this cyclereg; "
-                         "name a model file with --model (README: training)")
+        raise UsageError(f"no model given (--model) and no default model ({DEFAULT}) ships with this cyclereg; "
+                         "name a model file (README: training)")
     return path
 
 
