@@ -48,6 +48,8 @@ def read_image(path, role: str = "image") -> sitk.Image:
         return image
     if path.stat().st_size == 0:
         raise DataError(f"{name} is an empty file")
+    if path.name.lower().endswith((".nii", ".nii.gz")):
+        _check_nifti_frames(path, name)
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     with itk_messages(name, "cannot be read as an image"):
@@ -104,6 +106,45 @@ def _gunzip(path: Path, name: str, keep: bool) -> bytes | None:
             return None
     except (EOFError, OSError, zlib.error) as err:
         raise DataError(f"{name} is a damaged or truncated gzip file ({err})") from None
+
+
+def _orthonormal(affine: np.ndarray) -> bool:
+    m = np.asarray(affine, float)[:3, :3]
+    norms = np.linalg.norm(m, axis=0)
+    if not (norms > 0).all():
+        return False
+    axes = m / norms
+    return bool(np.allclose(axes.T @ axes, np.eye(3), atol=1e-4))
+
+
+def _check_nifti_frames(path: Path, name: str) -> None:
+    """A NIfTI header's two frames, as ITK reads them: the sform when its code is set and its axes are
+    orthonormal, else the qform. Warn when the sform and qform disagree (the sform is used, as ITK and
+    nibabel do) or when a sheared sform gives way to the qform; refuse a header with no orthonormal frame."""
+    import nibabel
+
+    try:
+        header = nibabel.load(str(path)).header
+        sform, s_code = header.get_sform(coded=True)
+        qform, q_code = header.get_qform(coded=True)
+    except Exception:  # noqa: BLE001 - not readable by nibabel: ITK's reader says what is wrong
+        return
+    if s_code and not _orthonormal(sform):
+        if q_code:
+            print(f"cyclereg: warning: {name}: its sform has shear or axes that are not orthonormal; the qform is "
+                  "used, as ITK does", file=sys.stderr)
+            return
+        raise DataError(f"{name} has a direction matrix with shear or axes that are not orthonormal (its sform; "
+                        "no qform); cyclereg, like ITK, needs orthonormal axes: resample the image onto a regular grid")
+    if s_code and q_code:
+        corners = _CORNERS * (np.array((list(header.get_data_shape()) + [1, 1, 1])[:3], float) - 1)
+        gap = float(np.abs(nibabel.affines.apply_affine(sform, corners) - nibabel.affines.apply_affine(qform, corners)).max())
+        if gap > 0.01:
+            print(f"cyclereg: warning: {name}: its sform and qform disagree (by up to {gap:.3g} mm at its corners); "
+                  "the sform is used, as ITK and nibabel do", file=sys.stderr)
+
+
+_CORNERS = np.array([[i, j, k] for i in (0, 1) for j in (0, 1) for k in (0, 1)], float)
 
 
 def _check_nifti_finite(path: Path, name: str, raw: bytes | None = None) -> None:
