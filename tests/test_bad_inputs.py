@@ -68,6 +68,7 @@ def corpus(tmp_path_factory) -> Path:
     whole = (c / "fixed.nii.gz").read_bytes()
     (c / "truncated.nii.gz").write_bytes(whole[: len(whole) // 2])
     (c / "text.nii.gz").write_text("patient notes, not an image\n")
+    (c / "nifti.mha").write_bytes((c / "fixed.nii.gz").read_bytes())  # an extension that lies about the content
     nib.save(nib.Nifti1Image(np.zeros(10, np.float32), np.eye(4)), str(c / "line.nii.gz"))
     nib.save(nib.Nifti1Image(np.zeros((6, 6, 6, 3), np.float32), np.eye(4)), str(c / "series.nii.gz"))
     nib.save(nib.Nifti1Image(_image((16, 16, 1)), np.eye(4)), str(c / "slab.nii.gz"))
@@ -133,6 +134,9 @@ CASES = [
      "(Compressed file ended before the end-of-stream marker was reached)"),
     ("text named .nii.gz", _moving("text.nii.gz"), 1,
      '--moving {c}/text.nii.gz cannot be read as an image (Unable to determine ImageIO reader for "{c}/text.nii.gz")'),
+    ("NIfTI named .mha", _moving("nifti.mha"), 1,
+     "--moving {c}/nifti.mha holds a NIfTI image but its name says otherwise; ITK chooses its reader by the name: "
+     "rename it to end in .nii or .nii.gz"),
     ("1D image", _moving("line.nii.gz"), 1, "--moving {c}/line.nii.gz is 1D; expected a 2D or 3D image"),
     ("4D image", _moving("series.nii.gz"), 1, "--moving {c}/series.nii.gz is 4D; expected a 2D or 3D image"),
     ("axis of size 1", _moving("slab.nii.gz"), 1,

@@ -52,8 +52,12 @@ def read_image(path, role: str = "image") -> sitk.Image:
         _check_nifti_frames(path, name)
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
-    with itk_messages(name, "cannot be read as an image"):
-        reader.ReadImageInformation()
+    try:
+        with itk_messages(name, "cannot be read as an image"):
+            reader.ReadImageInformation()
+    except DataError:
+        _name_against_content(path, name)  # a known format under another name: say so
+        raise
     _check_header(name, reader.GetDimension(), reader.GetSize(), reader.GetNumberOfComponents())
     nifti_float = (path.name.lower().endswith((".nii", ".nii.gz"))
                    and reader.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64))
@@ -106,6 +110,32 @@ def _gunzip(path: Path, name: str, keep: bool) -> bytes | None:
             return None
     except (EOFError, OSError, zlib.error) as err:
         raise DataError(f"{name} is a damaged or truncated gzip file ({err})") from None
+
+
+# (format, the file name endings ITK reads it by, test on the first bytes of the content)
+_SIGNATURES = (("NIfTI", (".nii", ".nii.gz"), lambda b: b[344:348] in (b"n+1\0", b"ni1\0") or b[4:8] == b"n+2\0"),
+               ("PNG", (".png",), lambda b: b.startswith(b"\x89PNG")),
+               ("MetaImage", (".mha", ".mhd"), lambda b: b.lstrip().startswith((b"ObjectType", b"NDims"))),
+               ("NRRD", (".nrrd", ".nhdr"), lambda b: b.startswith(b"NRRD")),
+               ("DICOM", (".dcm",), lambda b: b[128:132] == b"DICM"))
+
+
+def _name_against_content(path: Path, name: str) -> None:
+    """Raise a clear error if the file holds a format that its name does not say (ITK picks its reader
+    by the name): a NIfTI file named ``.mha``, say."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(560)
+        if head[:2] == b"\x1f\x8b":
+            with gzip.open(path, "rb") as f:
+                head = f.read(560)
+    except (OSError, EOFError, zlib.error):
+        return
+    lowered = path.name.lower()
+    for kind, endings, matches in _SIGNATURES:
+        if matches(head) and not lowered.endswith(endings):
+            raise DataError(f"{name} holds a {kind} image but its name says otherwise; ITK chooses its reader by "
+                            f"the name: rename it to end in {' or '.join(endings)}")
 
 
 def _orthonormal(affine: np.ndarray) -> bool:
