@@ -83,6 +83,10 @@ def corpus(tmp_path_factory) -> Path:
     labels = np.zeros((16, 16), np.float32)
     labels[2:6, 2:6] = 1.5
     _write(c / "float_labels.nii.gz", labels)
+    _write(c / "big_labels.nii.gz", (labels * 700).astype(np.int16))  # 1050: more than a PNG's 8 bits
+    far = sitk.GetImageFromArray((labels > 0).astype(np.int16))
+    far.SetOrigin((500.0, 500.0))
+    sitk.WriteImage(far, str(c / "far_labels.nii.gz"))
     (c / "folder").mkdir()
     (c / "file.txt").write_text("a file\n")
 
@@ -159,6 +163,13 @@ CASES = [
     ("float label map", [*REG, "--moving", "{c}/moving.nii.gz", "--moving-labels", "{c}/float_labels.nii.gz",
                          "--warped-labels", "{out}/labels.nii.gz"], 1,
      "--moving-labels {c}/float_labels.nii.gz holds non-integer values; expected a label map"),
+    ("labels too big for the output", [*REG, "--moving", "{c}/moving.nii.gz", "--moving-labels", "{c}/big_labels.nii.gz",
+                                       "--warped-labels", "{out}/labels.png", "--warped", "{out}/w.nii.gz"], 2,
+     "--warped-labels {out}/labels.png: the values go from 0 to 1050, but the file holds uint8 (0 to 255); "
+     "name a .nii.gz or .mha file"),
+    ("labels elsewhere", [*REG, "--moving", "{c}/moving.nii.gz", "--moving-labels", "{c}/far_labels.nii.gz",
+                          "--warped-labels", "{out}/labels.nii.gz"], 1,
+     "--moving-labels {c}/far_labels.nii.gz does not overlap the moving image in physical space (origin, spacing, direction)"),
     ("fixed 3D, moving 2D", ["optimize", "--fixed", "{c}/volume.nii.gz", "--moving", "{c}/moving.nii.gz",
                              "--warped", "{out}/w.nii.gz", "--steps", "2"], 1,
      "--moving {c}/moving.nii.gz is 2D but --fixed is 3D"),

@@ -29,7 +29,7 @@ from cyclereg.io.pairs import each_row, read_pairs_csv
 from cyclereg.core.label_metrics import folded_percent, hd95, label_volumes, log_jacobian_std
 from cyclereg.core.metrics import dice_labels, dice_threshold, folded
 from cyclereg.io.preprocess import model_grid, prepare
-from cyclereg.registration.register import align, map_physical, on_fixed_grid, read_pair, register_pair, sample_like_itk, warp_image
+from cyclereg.registration.register import align, map_physical, on_fixed_grid, read_pair, register_pair, sample_like_itk, warp_physical
 from cyclereg.registration.tuning import NO_IO, InstanceOptimisation
 
 __all__ = ["parse_labels", "evaluate_csv"]
@@ -73,7 +73,7 @@ def _score_pair(model, info, row: dict, labels, tuning: InstanceOptimisation, af
         fixed_labels = sitk.GetArrayFromImage(read_image(row["fixed_labels"], "fixed_labels")).astype(np.int64)
         if fixed_labels.shape != tuple(reversed(g_fixed.size)):
             raise DataError(f"fixed_labels {row['fixed_labels']} does not have the fixed image's size")
-        warped = warp_image(pair.moving_labels, grid.moving_domain, nearest=True)
+        warped = warp_physical(pair.moving_labels, grid.moving_physical, nearest=True)
         warped = warped.round().long().cpu().numpy()
         chosen = labels or sorted(int(v) for v in np.unique(fixed_labels) if v != 0)
         dice = dice_labels(torch.from_numpy(warped)[None], torch.from_numpy(fixed_labels)[None], chosen)[0].numpy()

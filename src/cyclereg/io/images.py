@@ -355,11 +355,20 @@ def to_image(array, reference: sitk.Image, pixel_id=None) -> sitk.Image:
     return sitk.Cast(image, pixel_id) if pixel_id is not None else image
 
 
-def write_image(path, array, reference: sitk.Image, pixel_id=None) -> None:
+def write_image(path, array, reference: sitk.Image, pixel_id=None, exact: str | None = None) -> None:
     """Write ``array`` (tensor order) with ``reference``'s geometry, atomically (:func:`to_image`);
-    formats that hold only 8-bit data (PNG, JPEG, BMP) get ``sitkUInt8``."""
+    formats that hold only 8-bit data (PNG, JPEG, BMP) get ``sitkUInt8``. ``exact`` (an option's name):
+    values that the file's type cannot hold (labels) are refused instead of clipped."""
     if "".join(Path(path).suffixes).lower().endswith((".png", ".jpg", ".jpeg", ".bmp")):
         pixel_id = sitk.sitkUInt8
+    if exact and pixel_id is not None and pixel_id not in (sitk.sitkFloat32, sitk.sitkFloat64):
+        info = np.iinfo(sitk.GetArrayViewFromImage(sitk.Image([1] * reference.GetDimension(), pixel_id)).dtype)
+        values = np.asarray(array.detach().cpu() if isinstance(array, torch.Tensor) else array)
+        if values.size and (values.min() < info.min or values.max() > info.max):
+            from cyclereg.core.errors import UsageError
+
+            raise UsageError(f"{exact} {path}: the values go from {values.min():g} to {values.max():g}, but the file holds "
+                             f"{info.dtype} ({info.min} to {info.max}); name a .nii.gz or .mha file")
     image = to_image(array, reference, pixel_id)
     with atomic_path(path) as tmp:
         sitk.WriteImage(image, str(tmp))

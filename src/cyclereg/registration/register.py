@@ -40,7 +40,7 @@ from cyclereg.core.transforms import Transform, sample
 from cyclereg.registration.instance import register_tensors
 from cyclereg.registration.tuning import NO_IO, InstanceOptimisation
 
-__all__ = ["Pair", "read_pair", "align", "Registration", "model_inputs", "register_pair", "map_physical", "on_fixed_grid", "sample_like_itk", "warp_image", "write_outputs",
+__all__ = ["Pair", "read_pair", "align", "warp_physical", "Registration", "model_inputs", "register_pair", "map_physical", "on_fixed_grid", "sample_like_itk", "warp_image", "write_outputs",
            "register_files", "register_csv", "warp_file"]
 
 
@@ -89,9 +89,7 @@ def read_pair(fixed, moving, moving_labels=None, dim: int | None = None, names=(
             against = f"the model registers {dim}D images" if dim else f"{names[0]} is {expected}D"
             raise DataError(f"{role} {path} is {img.GetDimension()}D but {against}")
     if labels_img is not None:
-        if labels_img.GetSize() != moving_img.GetSize():
-            raise DataError(f"{names[2]} {moving_labels} has size {labels_img.GetSize()}, "
-                            f"the moving image {moving_img.GetSize()}")
+        _check_labels_grid(labels_img, moving_img, f"{names[2]} {moving_labels}")
         labels = sitk.GetArrayViewFromImage(labels_img)
         if labels.dtype.kind == "f" and not (labels == labels.round()).all():
             raise DataError(f"{names[2]} {moving_labels} holds non-integer values; expected a label map")
@@ -126,6 +124,27 @@ def align(pair: Pair, affine="auto", similarity: str = "ncc", device=None, optio
     if not isinstance(affine, (str, Path)):
         raise UsageError(f"{option}: expected auto, none, a transform file or a SimpleITK transform, got {type(affine).__name__}")
     return replace(pair, affine=read_affine(affine, dim, option), affine_summary={"file": str(affine)})
+
+
+def _check_labels_grid(labels: sitk.Image, moving: sitk.Image, name: str) -> None:
+    """A label map on a grid other than its image's is warped in physical space (with a warning); one that
+    does not overlap its image at all is refused."""
+    g_labels, g_moving = Geometry.of(labels), Geometry.of(moving)
+    if g_labels == g_moving:
+        return
+    corners = identity_grid((2,) * g_moving.dim, dtype=torch.float64)
+    points = torch.cat([corners.flatten(2), torch.full((1, g_moving.dim, 1), 0.5, dtype=torch.float64)], 2)
+    if not g_labels.inside(g_labels.from_physical(g_moving.to_physical(points))).any():
+        raise DataError(f"{name} does not overlap the moving image in physical space (origin, spacing, direction)")
+    import sys
+
+    print(f"cyclereg: warning: {name} is on a grid other than the moving image's; its labels are warped in physical space",
+          file=sys.stderr)
+
+
+def warp_physical(image: sitk.Image, points: torch.Tensor, nearest: bool = False) -> torch.Tensor:
+    """``image`` at physical points ``(1, d, *S)`` of its own space, with ITK's rules (:func:`warp_image`)."""
+    return warp_image(image, Geometry.of(image).from_physical(points.double()), nearest)
 
 
 def model_inputs(pair: Pair, prep: Preprocessing, size=None) -> tuple[Geometry, torch.Tensor, torch.Tensor]:
@@ -265,13 +284,13 @@ def write_outputs(reg: Registration, device=None, warped=None, transform=None, j
     warped_image = warp_image(pair.moving, grid.moving_domain) if warped or figure else None
     warped_lab = None
     if pair.moving_labels is not None and (warped_labels or figure):
-        warped_lab = warp_image(pair.moving_labels, grid.moving_domain, nearest=True)
-    if warped:
-        write_image(warped, warped_image, pair.fixed, pair.moving.GetPixelID())
-    if warped_labels:
+        warped_lab = warp_physical(pair.moving_labels, grid.moving_physical, nearest=True)
+    if warped_labels:  # first: the one output that can still be refused (values its file cannot hold)
         if warped_lab is None:
             raise UsageError("--warped-labels needs --moving-labels")
-        write_image(warped_labels, warped_lab, pair.fixed, pair.moving_labels.GetPixelID())
+        write_image(warped_labels, warped_lab, pair.fixed, pair.moving_labels.GetPixelID(), exact="--warped-labels")
+    if warped:
+        write_image(warped, warped_image, pair.fixed, pair.moving.GetPixelID())
     if figure:
         from cyclereg.io.slices import orthogonal_slices_figure
 
