@@ -78,7 +78,7 @@ def run(args) -> int:
 
 def register_pairs_csv(args) -> int:
     from cyclereg.core import distributed
-    from cyclereg.registration.register import register_csv
+    from cyclereg.registration.batch import register_csv
 
     if args.fixed or args.moving or args.warped or args.transform or args.transform_inverse or args.jacobian or args.figure:
         raise UsageError("--pairs-csv replaces --fixed, --moving and the single-pair outputs; use --out-dir and --outputs")

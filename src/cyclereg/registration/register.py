@@ -28,11 +28,9 @@ import torch.nn.functional as F
 from cyclereg.core.coords import identity_grid
 from cyclereg.core.errors import DataError, UsageError
 from cyclereg.core.atomic import atomic_path
-from cyclereg.core.locks import folder_lock
 from cyclereg.io.images import Geometry, image_to_tensor, read_image, write_image
 from cyclereg.io.transforms import (affine_parts, affine_transform, displacement_transform, is_transform_file, read_affine,
                                     read_transform, write_displacement, write_transform)
-from cyclereg.io.pairs import each_row, read_pairs_csv
 from cyclereg.core.label_metrics import folded_percent
 from cyclereg.core.metrics import folded, jacobian_determinant
 from cyclereg.io.preprocess import Preprocessing, model_grid, prepare
@@ -41,7 +39,7 @@ from cyclereg.registration.instance import register_tensors
 from cyclereg.registration.tuning import NO_IO, InstanceOptimisation
 
 __all__ = ["Pair", "read_pair", "align", "warp_physical", "Registration", "model_inputs", "register_pair", "map_physical", "on_fixed_grid", "sample_like_itk", "warp_image", "write_outputs",
-           "register_files", "register_csv", "warp_file"]
+           "register_files", "warp_file"]
 
 
 @dataclass
@@ -332,60 +330,6 @@ def register_files(model, info, fixed, moving, warped=None, transform=None, jaco
     reg = register_pair(model, info, pair, tuning)
     return write_outputs(reg, device, warped=warped, transform=transform, jacobian=jacobian,
                          warped_labels=warped_labels, figure=figure, transform_inverse=transform_inverse)
-
-
-OUTPUT_NAMES = {"warped": "warped.nii.gz", "transform": "transform.h5", "transform_inverse": "transform_inverse.h5",
-                "jacobian": "jacobian.nii.gz", "figure": "figure.png"}
-
-
-def register_csv(model, info, csv_path, out_dir, outputs=("warped", "transform"), tuning: InstanceOptimisation = NO_IO,
-                 rank: int = 0, world: int = 1, progress: bool = True, affine: str = "auto", affine_similarity: str = "ncc",
-                 overwrite: bool = False):
-    """Register every pair of a CSV (columns ``fixed``, ``moving``, optional ``moving_labels``, ``name``
-    and ``affine``: a prior transform file for that pair, else ``affine``) with one loaded model,
-    streaming: pair after pair, nothing kept between pairs. Outputs
-    go to ``out_dir/NAME_warped.nii.gz`` and so on (``NAME``: the ``name`` column, or the moving and
-    fixed file names). With ``world`` processes, this one takes rows ``rank, rank + world, ...``.
-    A batch rerun after a crash skips the pairs whose outputs are all there (each is written whole or not
-    at all), unless ``overwrite``. Yields one summary per pair (``"skipped": true`` for those)."""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UsageError(f"--out-dir {out_dir} is a file; expected a folder")
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UsageError(f"--out-dir {out_dir}: cannot create the folder ({err.strerror})") from None
-    unknown = sorted(set(outputs) - set(OUTPUT_NAMES))
-    if unknown or not outputs:
-        raise UsageError(f"--outputs: expected some of {', '.join(OUTPUT_NAMES)}, got {','.join(outputs) or 'nothing'}")
-    rows = read_pairs_csv(csv_path)
-    names = [row.get("name") and Path(row["name"]).name or
-             f"{_stem(row['moving'])}_to_{_stem(row['fixed'])}" for row in rows]
-    seen = {}
-    for line, name in enumerate(names, start=2):
-        if name in seen:
-            raise DataError(f"--pairs-csv {csv_path}, line {line}: output name {name!r} is also that of line "
-                            f"{seen[name]}; add a column 'name'")
-        seen[name] = line
-    def one(i):
-        row, name = rows[i], names[i]
-        labels = row.get("moving_labels") or None
-        files = {k: out_dir / f"{name}_{OUTPUT_NAMES[k]}" for k in outputs}
-        labels_out = out_dir / f"{name}_warped_labels.nii.gz" if labels else None
-        if not overwrite and all(f.is_file() for f in [*files.values(), *([labels_out] if labels else [])]):
-            return {"name": name, "fixed": row["fixed"], "moving": row["moving"], "skipped": True}
-        summary = register_files(model, info, row["fixed"], row["moving"], moving_labels=labels,
-                                 warped_labels=labels_out,
-                                 tuning=tuning, affine=row.get("affine") or affine, affine_similarity=affine_similarity,
-                                 **{k: str(v) for k, v in files.items()})
-        return {"name": name, "fixed": row["fixed"], "moving": row["moving"], **summary}
-
-    with folder_lock(out_dir, "--out-dir", enabled=rank == 0):
-        yield from (summary for _, summary in each_row(csv_path, range(rank, len(rows), world), one, "register", progress))
-
-
-def _stem(path) -> str:
-    return Path(path).name.split(".")[0]
 
 
 def warp_file(transform, moving, fixed, out, nearest: bool = False) -> None:
