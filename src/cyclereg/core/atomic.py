@@ -28,6 +28,18 @@ def atomic_path(path):
         raise
 
 
+def make_folder(path, option: str, expected: str = "a folder") -> Path:
+    """Create the output folder ``path`` (and its parents) if missing; refuse a file in its place."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{option} {path} is a file; expected {expected}")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UsageError(f"{option} {path}: cannot create the folder ({err.strerror})") from None
+    return path
+
+
 def check_output(path, option: str = "output") -> None:
     """Refuse an output path whose folder is missing or is a file, or that is itself a folder."""
     path = Path(path)

@@ -24,7 +24,7 @@ import SimpleITK as sitk
 import torch
 
 from cyclereg.core.atomic import atomic_path
-from cyclereg.core.errors import DataError
+from cyclereg.core.errors import DataError, UsageError
 
 __all__ = ["read_image", "image_to_tensor", "Geometry", "Reframed", "to_image", "write_image"]
 
@@ -365,8 +365,6 @@ def write_image(path, array, reference: sitk.Image, pixel_id=None, exact: str | 
         info = np.iinfo(sitk.GetArrayViewFromImage(sitk.Image([1] * reference.GetDimension(), pixel_id)).dtype)
         values = np.asarray(array.detach().cpu() if isinstance(array, torch.Tensor) else array)
         if values.size and (values.min() < info.min or values.max() > info.max):
-            from cyclereg.core.errors import UsageError
-
             raise UsageError(f"{exact} {path}: the values go from {values.min():g} to {values.max():g}, but the file holds "
                              f"{info.dtype} ({info.min} to {info.max}); name a .nii.gz or .mha file")
     image = to_image(array, reference, pixel_id)

@@ -53,7 +53,8 @@ def ship(source, name: str, provenance: dict, folder: Path | None = None) -> Pat
     folder.mkdir(parents=True, exist_ok=True)
     out = folder / f"{name}.safetensors"
     save_model(out, model, info, provenance={**provenance, "training": info.training})
-    if out.stat().st_size > MAX_BYTES:
+    size = out.stat().st_size
+    if size > MAX_BYTES:
         out.unlink()
-        raise DataError(f"model {source} is {Path(source).stat().st_size / 2**20:.1f} MB; a shipped model stays under 20 MB")
+        raise DataError(f"model {source} is {size / 2**20:.1f} MB; a shipped model stays under 20 MB")
     return out

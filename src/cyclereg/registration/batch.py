@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from cyclereg.core.errors import DataError, UsageError
+from cyclereg.core.atomic import make_folder
 from cyclereg.core.locks import folder_lock
 from cyclereg.io.pairs import each_row, read_pairs_csv
 from cyclereg.registration.register import register_files
@@ -28,13 +29,7 @@ def register_csv(model, info, csv_path, out_dir, outputs=("warped", "transform")
     fixed file names). With ``world`` processes, this one takes rows ``rank, rank + world, ...``.
     A batch rerun after a crash skips the pairs whose outputs are all there (each is written whole or not
     at all), unless ``overwrite``. Yields one summary per pair (``"skipped": true`` for those)."""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UsageError(f"--out-dir {out_dir} is a file; expected a folder")
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UsageError(f"--out-dir {out_dir}: cannot create the folder ({err.strerror})") from None
+    out_dir = make_folder(out_dir, "--out-dir")
     unknown = sorted(set(outputs) - set(OUTPUT_NAMES))
     if unknown or not outputs:
         raise UsageError(f"--outputs: expected some of {', '.join(OUTPUT_NAMES)}, got {','.join(outputs) or 'nothing'}")

@@ -16,6 +16,7 @@ resampler and ANTs give the same warped image from the written transform.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Callable
 from pathlib import Path
@@ -94,9 +95,6 @@ def read_pair(fixed, moving, moving_labels=None, dim: int | None = None, names=(
     return Pair(fixed_img, moving_img, labels_img, f"{names[0]} {fixed}", f"{names[1]} {moving}")
 
 
-AFFINE_MODES = ("auto", "none")
-
-
 def align(pair: Pair, affine="auto", similarity: str = "ncc", device=None, option: str = "--affine") -> Pair:
     """The pair with its affine stage: ``affine`` is ``"auto"`` (:func:`~cyclereg.registration.affine.affine_register`
     with ``similarity``), ``"none"`` (the images are aligned already), an ITK transform file or a
@@ -134,8 +132,6 @@ def _check_labels_grid(labels: sitk.Image, moving: sitk.Image, name: str) -> Non
     points = torch.cat([corners.flatten(2), torch.full((1, g_moving.dim, 1), 0.5, dtype=torch.float64)], 2)
     if not g_labels.inside(g_labels.from_physical(g_moving.to_physical(points))).any():
         raise DataError(f"{name} does not overlap the moving image in physical space (origin, spacing, direction)")
-    import sys
-
     print(f"cyclereg: warning: {name} is on a grid other than the moving image's; its labels are warped in physical space",
           file=sys.stderr)
 
@@ -251,11 +247,16 @@ def map_transform(reg: Registration, grid: OnFixedGrid) -> sitk.Transform:
     return sitk.CompositeTransform([reg.pair.affine, field])
 
 
+def _voxel_points(image: sitk.Image, device=None) -> torch.Tensor:
+    """The physical points ``(1, d, *shape)`` of every voxel of ``image`` (float64)."""
+    g = Geometry.of(image)
+    return g.to_physical(identity_grid(tuple(reversed(g.size)), device, torch.float64))
+
+
 def inverse_composite(reg: Registration, device=None) -> sitk.Transform:
     """The inverse of the whole map, ``Φ_BA∘T⁻¹``, as the composite ``[D_BA, T⁻¹]`` with ``D_BA`` on the
     fixed grid. The methods are inverse consistent, so the model's reverse map stands for ``Φ⁻¹``."""
-    g = Geometry.of(reg.pair.fixed)
-    x = g.to_physical(identity_grid(tuple(reversed(g.size)), device, torch.float64))
+    x = _voxel_points(reg.pair.fixed, device)
     y = reg.grid.to_physical(reg.reverse()(reg.grid.from_physical(x).float()).double())
     return sitk.CompositeTransform([displacement_transform((y - x)[0], reg.pair.fixed), reg.pair.reversed().affine])
 
@@ -263,8 +264,7 @@ def inverse_composite(reg: Registration, device=None) -> sitk.Transform:
 def inverse_displacement(reg: Registration, device=None) -> torch.Tensor:
     """The inverse of the whole map as one displacement field ``(d, *moving shape)`` on the moving
     image's grid (moving point + displacement = fixed point)."""
-    g = Geometry.of(reg.pair.moving)
-    x = g.to_physical(identity_grid(tuple(reversed(g.size)), device, torch.float64))
+    x = _voxel_points(reg.pair.moving, device)
     return (inverse_physical(reg, x, reg.reverse()) - x)[0]
 
 

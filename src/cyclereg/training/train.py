@@ -29,7 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from cyclereg.core import distributed
-from cyclereg.core.atomic import atomic_path
+from cyclereg.core.atomic import atomic_path, make_folder
 from cyclereg.core.locks import folder_lock
 from cyclereg.core.config import Config
 from cyclereg.data.datasets import training_data
@@ -209,14 +209,8 @@ def train(cfg: Config, out, resume: bool = False, device=None, progress: bool = 
 
     Started by ``torchrun``, every process runs this and they train one model together
     (:mod:`cyclereg.core.distributed`); ``train.batch_size`` is then the batch of each process."""
-    out = Path(out)
     with distributed.session(torch.device(device) if device else None) as ctx:
-        if out.exists() and not out.is_dir():
-            raise UsageError(f"--out {out} is a file; expected a folder for the run")
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise UsageError(f"--out {out}: cannot create the folder ({err.strerror})") from None
+        out = make_folder(out, "--out", "a folder for the run")
         with folder_lock(out, "--out", enabled=ctx.main):  # one job per run folder (a requeued one takes it over)
             return _train(cfg, out, resume, ctx, progress and ctx.main)
 
