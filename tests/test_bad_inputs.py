@@ -190,7 +190,7 @@ CASES = [
      "cyclereg never unpickles arbitrary objects"),
     ("config: unknown key", ["train", "{c}/unknown_key.toml", "--out", "{out}/run"], 2,
      "{c}/unknown_key.toml: config key 'model.lamda' is unknown; "
-     "expected one of: method, similarity, lam, noise, sigma, window, alpha, beta, shared, svf, steps"),
+     "expected one of: method, similarity, lam, noise, sigma, window, alpha, beta, shared, label_weight, svf, steps"),
     ("config: wrong type", ["train", "{c}/wrong_type.toml", "--out", "{out}/run"], 2,
      "{c}/wrong_type.toml: config key 'model.lam': expected a number, got 'big'"),
     ("config: negative lambda", ["train", "{c}/negative_lambda.toml", "--out", "{out}/run"], 2,

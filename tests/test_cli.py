@@ -166,6 +166,25 @@ def test_resume_with_another_model_config_is_refused(trained, tmp_path, capsys):
         assert_one_line_error(err, f"another config: {key} differs")
 
 
+
+def test_resume_of_a_checkpoint_from_before_a_config_key_existed(trained, tmp_path, capsys):
+    """A checkpoint written before cyclereg had a key (here the label supervision ones) resumes: the key
+    counts as its default; set to another value it is refused by name."""
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(trained, copy)
+    state = torch.load(copy / "checkpoint.pt", weights_only=True)
+    del state["config"]["model"]["label_weight"], state["config"]["data"]["label_list"]
+    torch.save(state, copy / "checkpoint.pt")
+    config = write_config(tmp_path / "c.toml", steps=int(state["step"]) + 1)
+    code, _, err = run_cli(capsys, "train", config, "--out", copy, "--resume", "--quiet", "--device", "cpu")
+    assert code == 0, err
+    assert torch.load(copy / "checkpoint.pt", weights_only=True)["step"] == int(state["step"]) + 1
+    code, _, err = run_cli(capsys, "train", config, "--out", copy, "--resume", "--set", "data.label_list=[3]", "--quiet")
+    assert code == 2
+    assert_one_line_error(err, "another config: data.label_list differs")
+
 # --- evaluate ----------------------------------------------------------------------------------------
 
 def test_evaluate_writes_the_summary(trained, tmp_path, capsys):

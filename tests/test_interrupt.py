@@ -124,8 +124,8 @@ def test_a_non_finite_loss_stops_with_step_and_term_and_keeps_the_checkpoint(tmp
     real = train_module.loss_terms
     calls = {"n": 0}
 
-    def poisoned(model, moving, fixed, settings):
-        loss, terms = real(model, moving, fixed, settings)
+    def poisoned(model, moving, fixed, settings, labels=None):
+        loss, terms = real(model, moving, fixed, settings, labels)
         calls["n"] += 1
         if calls["n"] == 5:
             terms = {**terms, "icon": torch.tensor(float("nan"))}

@@ -67,6 +67,8 @@ class DataConfig:
     intensity_augment: bool = False  # folder: random gamma, scale and noise per image
     seed: int = 0  # data generation and held-out pairs
     cache: str = ""  # folder: keep prepared scans there, memory-mapped (empty: in memory only)
+    label_list: list[int] = field(default_factory=list)  # folder: label values supervised (CSV column labels)
+    label_pairs: float = 0.0  # folder: share of the pairs drawn among the scans with labels (the rest: all scans)
 
 
 @dataclass
@@ -87,6 +89,7 @@ class ModelConfig:
     alpha: float = 0.1  # cyclemorph: weight of the cycle loss
     beta: float = 0.5  # cyclemorph: weight of the identity loss
     shared: bool = False  # cyclemorph: one network for both directions instead of two
+    label_weight: float = 0.0  # weight of 1 - Dice of the warped labels (data.label_list; 0: images only)
     svf: bool = False  # each step's network predicts a stationary velocity field, integrated by scaling and squaring
     steps: list[StepConfig] = field(default_factory=lambda: [StepConfig()])
 
@@ -224,6 +227,16 @@ def _check(cfg: Config) -> None:
     need(m.window >= 1 and m.window % 2 == 1, "model.window", "an odd window size >= 1 (voxels)", m.window)
     need(m.alpha >= 0, "model.alpha", "a weight >= 0", m.alpha)
     need(m.beta >= 0, "model.beta", "a weight >= 0", m.beta)
+    need(m.label_weight >= 0, "model.label_weight", "a weight >= 0", m.label_weight)
+    need(len(set(d.label_list)) == len(d.label_list) <= 255 and all(v != 0 for v in d.label_list), "data.label_list",
+         "at most 255 distinct label values other than 0 (background)", d.label_list)
+    need(0 <= d.label_pairs <= 1 and (not d.label_pairs or d.label_list), "data.label_pairs",
+         "a share between 0 and 1, with data.label_list", d.label_pairs)
+    if m.label_weight > 0:
+        need(d.dataset == "folder", "model.label_weight", "0 unless data.dataset = 'folder' (scans with label maps)", m.label_weight)
+        need(bool(d.label_list), "data.label_list", "the label values to supervise (model.label_weight > 0)", d.label_list)
+        need(not any(s.patch for s in t.stages), "model.label_weight", "0 with patch stages (train.stages[].patch)",
+             m.label_weight)
     need(len(m.steps) >= 1, "model.steps", "at least one step", m.steps)
     for i, s in enumerate(m.steps):
         need(s.network in NETWORK_NAMES, f"model.steps[{i}].network", f"one of {sorted(NETWORK_NAMES)}", s.network)

@@ -161,14 +161,17 @@ def _random_map(images, settings, generator) -> tuple[Transform, Transform]:
 
 
 def augment_pair(moving: torch.Tensor, fixed: torch.Tensor, settings: AugmentSettings,
-                 generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, Transform]:
-    """Augment a batch of pairs; returns ``(moving_aug, fixed_aug, truth)``.
+                 generator: torch.Generator, labels: tuple | None = None) -> tuple:
+    """Augment a batch of pairs; returns ``(moving_aug, fixed_aug, truth)``, and with ``labels =
+    (moving_labels, fixed_labels)`` (integer label maps of the images) ``(moving_aug, fixed_aug, truth,
+    (moving_labels_aug, fixed_labels_aug))``, the label maps warped as their images, by nearest neighbour.
 
     Both images get the same flips/permutation, then each its own random map ``T = affine ∘ exp(v)``
     (``image_aug = image ∘ T``), then each its own intensity changes. ``truth = T_m⁻¹ ∘ T_f`` takes each
     fixed-domain point to the moving-domain point showing the same anatomy, so that
     ``warp(moving_aug, truth) ≈ fixed_aug``. It is exact only when ``moving`` and ``fixed`` are themselves
-    aligned (the same scan), which is how a population of pairs is built from one subject.
+    aligned (the same scan), which is how a population of pairs is built from one subject. Labels draw
+    nothing from ``generator``: the images' augmentation is the same with or without them.
     """
     if moving.shape != fixed.shape:
         raise ValueError(f"augment_pair: moving {tuple(moving.shape)} and fixed {tuple(fixed.shape)} differ in shape")
@@ -182,4 +185,8 @@ def augment_pair(moving: torch.Tensor, fixed: torch.Tensor, settings: AugmentSet
     moving, fixed = warp(moving, forward_m), warp(fixed, forward_f)
     if settings.intensity:
         moving, fixed = random_intensity(moving, generator), random_intensity(fixed, generator)
-    return moving, fixed, inverse_m @ forward_f
+    if labels is None:
+        return moving, fixed, inverse_m @ forward_f
+    warped_labels = tuple(warp(apply_flips_permutation(lab, spec).float(), forward, mode="nearest").to(lab.dtype)
+                          for lab, forward in zip(labels, (forward_m, forward_f)))
+    return moving, fixed, inverse_m @ forward_f, warped_labels

@@ -28,10 +28,11 @@ def pair_seed(seed: int, step: int, index: int) -> int:
     return (int(state[0]) << 31) ^ int(state[1])
 
 
-def make_batch(data, seed: int, step: int, indices) -> tuple[torch.Tensor, torch.Tensor]:
-    """The pairs ``indices`` of step ``step``, as ``(moving, fixed)`` batches."""
+def make_batch(data, seed: int, step: int, indices) -> tuple[torch.Tensor, ...]:
+    """The pairs ``indices`` of step ``step``, as ``(moving, fixed)`` batches (and whatever else a pair
+    carries, such as label maps, batched the same way)."""
     pairs = [data.pair(torch.Generator().manual_seed(pair_seed(seed, step, i))) for i in indices]
-    return torch.cat([m for m, _ in pairs]), torch.cat([f for _, f in pairs])
+    return tuple(torch.cat(parts) for parts in zip(*pairs))
 
 
 class Loader:
@@ -60,7 +61,7 @@ class Loader:
             if step not in self.pending:
                 self.pending[step] = self.pool.submit(self._make, step)
 
-    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def next(self) -> tuple[torch.Tensor, ...]:
         t0 = time.perf_counter()
         step = self.step
         batch = self.pending.pop(step).result() if step in self.pending else self._make(step)

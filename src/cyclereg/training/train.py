@@ -31,12 +31,13 @@ from tqdm import tqdm
 from cyclereg.core import distributed
 from cyclereg.core.atomic import atomic_path, make_folder
 from cyclereg.core.locks import folder_lock
-from cyclereg.core.config import Config
+from cyclereg.core.config import Config, config_from_dict
 from cyclereg.data.datasets import training_data
 from cyclereg.core.distributed import Context
 from cyclereg.training.loader import Loader
 from cyclereg.core.errors import DataError, Interrupted, UsageError
 from cyclereg.evaluation.scores import score_pairs, summarise
+from cyclereg.losses.labels import one_hot
 from cyclereg.models.methods import loss_terms, settings_from_config
 from cyclereg.models.registration import split_steps, use_channels_last
 from cyclereg.models.multiscale import random_patches
@@ -111,11 +112,20 @@ def _read_checkpoint(path: Path, cfg: Config) -> dict:
     except Exception as err:  # noqa: BLE001 - any unreadable checkpoint is a data error
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise DataError(f"checkpoint {path} cannot be read ({first})") from None
-    saved = state.get("config", {}) if isinstance(state, dict) else {}
+    saved = _completed(state.get("config", {}) if isinstance(state, dict) else {})
     key = _first_difference(saved, cfg.to_dict())
     if key is not None:
         raise UsageError(f"--resume: checkpoint {path} was trained with another config: {key} differs")
     return state
+
+
+def _completed(saved: dict) -> dict:
+    """A checkpoint's config with the keys added to cyclereg since it was written at their defaults (so
+    that a run resumes across versions); as saved if it no longer builds."""
+    try:
+        return config_from_dict(saved).to_dict()
+    except UsageError:
+        return saved
 
 
 # Keys that a resumed run may change: how long it runs (a run continued to more steps) and how it reports.
@@ -159,8 +169,8 @@ class _Loss(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, moving, fixed, settings):
-        return loss_terms(self.model, moving, fixed, settings)
+    def forward(self, moving, fixed, settings, labels=None):
+        return loss_terms(self.model, moving, fixed, settings, labels)
 
 
 def _trim_log(path: Path, step: int) -> None:
@@ -305,10 +315,14 @@ def _stage_loss(run: _Run, stage: Stage):
     return settings, global_steps, loss_fn
 
 
-def _optimise(run: _Run, loss_fn, settings, moving, fixed, autocast) -> tuple[torch.Tensor, dict]:
-    """One step of Adam on a batch; returns the loss terms averaged over ranks, ``[total, *terms]``."""
+def _optimise(run: _Run, loss_fn, settings, batch, autocast) -> tuple[torch.Tensor, dict]:
+    """One step of Adam on a batch ``(moving, fixed[, moving_labels, fixed_labels])``; returns the loss
+    terms averaged over ranks, ``[total, *terms]``."""
+    moving, fixed, *labels = batch
+    if labels:  # label indices -> one-hot channels, on the device
+        labels = tuple(one_hot(lab, len(run.cfg.data.label_list), moving.dtype) for lab in labels)
     with autocast:
-        loss, terms = loss_fn(moving, fixed, settings)
+        loss, terms = loss_fn(moving, fixed, settings, labels or None)
     reduced = run.ctx.mean(torch.stack([loss, *terms.values()]))
     if not torch.isfinite(reduced).all():
         bad = [k for k, v in zip(terms, reduced[1:]) if not torch.isfinite(v)] or ["total"]
@@ -340,12 +354,11 @@ def _train(cfg: Config, out: Path, resume: bool, ctx: Context, progress: bool) -
             stage = next(s for s in run.stages if run.step < s.end)
             if stage is not current:
                 (settings, global_steps, loss_fn), current = _stage_loss(run, stage), stage
-            moving, fixed = loader.next()
+            batch = [part.to(ctx.device, non_blocking=True) for part in loader.next()]
             waited += loader.wait
-            moving, fixed = moving.to(ctx.device, non_blocking=True), fixed.to(ctx.device, non_blocking=True)
-            if stage.patch:
-                moving, fixed = random_patches(global_steps, moving, fixed, stage.patch)
-            reduced, values = _optimise(run, loss_fn, settings, moving, fixed, autocast)
+            if stage.patch:  # not with labels (refused by the config)
+                batch = random_patches(global_steps, *batch, stage.patch)
+            reduced, values = _optimise(run, loss_fn, settings, batch, autocast)
             step = run.step
             bar.update(1)
             bar.set_postfix({k: f"{v:.4g}" for k, v in values.items()}, refresh=False)
