@@ -38,6 +38,11 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     try:
+        if getattr(args, "series", None):
+            from cyclereg.io.dicom import selected_series
+
+            with selected_series(args.series):
+                return args.run(args)
         return args.run(args)
     except CycleregError as err:
         if args.debug:

@@ -6,7 +6,7 @@ import json
 import sys
 import time
 
-from cyclereg.cli.common import check_outputs, device_of
+from cyclereg.cli.common import add_series_option, check_outputs, device_of
 from cyclereg.core.errors import UsageError
 
 
@@ -21,14 +21,16 @@ def add(sub) -> None:
     af.add_argument("--steps", type=int, default=None, help="Adam steps per stage and resolution "
                     "(default: cyclereg.registration.affine.STEPS, 30)")
     af.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    add_series_option(af)
     af.set_defaults(run=run)
 
 
 def run(args) -> int:
     import SimpleITK as sitk
 
-    from cyclereg.core.atomic import atomic_path
-    from cyclereg.io.images import read_image
+    from cyclereg.core.atomic import all_or_nothing
+    from cyclereg.io.transforms import write_transform
+    from cyclereg.io.images import read_image, save_image
     from cyclereg.registration.affine import STEPS, affine_register
 
     args.steps = STEPS if args.steps is None else args.steps
@@ -44,11 +46,9 @@ def run(args) -> int:
         print(f"cyclereg: affine: the optimisation ended worse ({args.similarity} cost {result.cost:.4g} on the finest "
               "grid) than where it started; the start is kept", file=sys.stderr)
     transform = result.transform()
-    with atomic_path(args.transform) as tmp:
-        sitk.WriteTransform(transform, str(tmp))
-    if args.warped:
-        warped = sitk.Resample(moving, fixed, transform, sitk.sitkLinear, 0.0, moving.GetPixelID())
-        with atomic_path(args.warped) as tmp:
-            sitk.WriteImage(warped, str(tmp))
+    with all_or_nothing():
+        write_transform(args.transform, transform)
+        if args.warped:
+            save_image(sitk.Resample(moving, fixed, transform, sitk.sitkLinear, 0.0, moving.GetPixelID()), args.warped)
     print(json.dumps({**result.summary(), "seconds": seconds}))
     return 0

@@ -31,6 +31,13 @@ def add_io_options(parser):
                         "(default: %(default)s)")
 
 
+def add_series_option(parser) -> None:
+    """``--series UID``: which series to read from a DICOM folder that holds several."""
+    parser.add_argument("--series", action="append", default=[], metavar="UID",
+                        help="read this series of a DICOM folder that holds several (its SeriesInstanceUID; "
+                        "repeat for the fixed and the moving image)")
+
+
 def add_affine_options(parser, pairs_csv: bool = True) -> None:
     """The affine stage that runs before the model (:func:`cyclereg.registration.register.align`)."""
     extra = "; with --pairs-csv, auto or none, and a column 'affine' names a file per pair" if pairs_csv else ""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from cyclereg.cli.common import PASSES_HELP, add_affine_options, add_io_options, csv_affine, device_of, load, passes, tuning_of
+from cyclereg.cli.common import PASSES_HELP, add_affine_options, add_series_option, add_io_options, csv_affine, device_of, load, passes, tuning_of
 from cyclereg.core.errors import UsageError
 
 
@@ -31,6 +31,8 @@ def add(sub) -> None:
     ev.add_argument("--json", default=None, help="write the summary here")
     ev.add_argument("--device", default=None)
     ev.add_argument("--compile", action="store_true", help="torch.compile the networks first (pays off over many pairs)")
+
+    add_series_option(ev)
 
     ev.set_defaults(run=run)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from cyclereg.cli.common import check_outputs, device_of
+from cyclereg.cli.common import add_series_option, check_outputs, device_of
 from cyclereg.core.errors import UsageError
 
 
@@ -22,6 +22,7 @@ def add(sub) -> None:
     op.add_argument("--transform")
     op.add_argument("--jacobian")
     op.add_argument("--device", default=None)
+    add_series_option(op)
     op.set_defaults(run=run)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from cyclereg.cli.common import (PASSES_HELP, add_affine_options, add_io_options, check_outputs, csv_affine, device_of, load, passes,
+from cyclereg.cli.common import (PASSES_HELP, add_affine_options, add_series_option, add_io_options, check_outputs, csv_affine, device_of, load, passes,
                                  patchwise, tuning_of)
 from cyclereg.core.errors import UsageError
 
@@ -42,6 +42,8 @@ def add(sub) -> None:
     rg.add_argument("--device", default=None)
     rg.add_argument("--compile", action="store_true", help="torch.compile the networks first (pays off over many pairs)")
 
+    add_series_option(rg)
+
     rg.set_defaults(run=run)
 
     wp = sub.add_parser("warp", help="apply a saved transform to an image of the moving subject")
@@ -51,6 +53,8 @@ def add(sub) -> None:
     wp.add_argument("--fixed", required=True, help="image whose grid the output takes")
     wp.add_argument("--out", required=True, help="warped image")
     wp.add_argument("--nearest", action="store_true", help="nearest-neighbour interpolation (label maps)")
+
+    add_series_option(wp)
 
     wp.set_defaults(run=run_warp)
 

@@ -1,19 +1,27 @@
 """Atomic outputs: write to a temporary file beside the target, then rename over it, so a crash
-leaves either the old file or the new one, never a partial one."""
+leaves either the old file or the new one, never a partial one; a write that runs out of room (a full
+disk, a quota, the file-size limit of ``ulimit -f``) is one error naming the file, and leaves nothing."""
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import errno
 import os
+import resource
 import tempfile
 from pathlib import Path
 
-from cyclereg.core.errors import UsageError
+from cyclereg.core.errors import DataError, UsageError
+
+_NO_ROOM = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
+_PENDING: contextvars.ContextVar[list | None] = contextvars.ContextVar("cyclereg_pending_outputs", default=None)
 
 
 @contextlib.contextmanager
 def atomic_path(path):
-    """Yield a temporary path in ``path``'s folder; on success it replaces ``path``."""
+    """Yield a temporary path in ``path``'s folder; on success it replaces ``path`` (inside
+    :func:`all_or_nothing`, when the block ends)."""
     path = Path(path)
     check_output(path)
     # Keep the real suffix last so that writers which choose a format by extension still work.
@@ -21,11 +29,78 @@ def atomic_path(path):
     os.close(fd)
     try:
         yield Path(tmp)
-        os.replace(tmp, path)
+        pending = _PENDING.get()
+        if pending is None:
+            os.replace(tmp, path)
+        else:
+            pending.append((tmp, path))
+    except DataError:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    except Exception as err:  # any writer (torch, safetensors, matplotlib) that ran out of room: one line
+        no_room = getattr(err, "errno", None) in _NO_ROOM or out_of_room(tmp)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        if no_room:
+            raise DataError(incomplete_write(path)) from None
+        raise
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+@contextlib.contextmanager
+def all_or_nothing():
+    """The outputs written (by :func:`atomic_path`) within the block appear together when it ends, or,
+    if it fails, none of them: a command stopped by a full disk at its third output leaves no first two."""
+    if _PENDING.get() is not None:  # nested: the outer block decides
+        yield
+        return
+    pending: list = []
+    token = _PENDING.set(pending)
+    try:
+        yield
+    except BaseException:
+        for tmp, _ in pending:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        raise
+    finally:
+        _PENDING.reset(token)
+    for tmp, path in pending:
+        os.replace(tmp, path)
+
+
+def room_for(path) -> int:
+    """Bytes a new file beside ``path`` can hold: the smaller of the file-size limit and the free space."""
+    stat = os.statvfs(Path(path).resolve().parent)
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    free = stat.f_bavail * stat.f_frsize
+    return free if limit == resource.RLIM_INFINITY else min(limit, free)
+
+
+def out_of_room(written) -> bool:
+    """Whether a write that failed or stopped short at ``written`` (a file) ran out of room: it reached the
+    file-size limit, or its disk has under a megabyte left."""
+    written = Path(written)
+    size = written.stat().st_size if written.exists() else 0
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    return (limit != resource.RLIM_INFINITY and size >= limit) or room_for(written) < (1 << 20)
+
+
+def incomplete_write(path, needed: int = 0) -> str:
+    """The message for an output that could not be written whole, with the likely reason."""
+    path = Path(path)
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if limit != resource.RLIM_INFINITY and (needed == 0 or needed > limit):
+        reason = f"over the file-size limit of {limit} bytes (ulimit -f)"
+    else:
+        stat = os.statvfs(path.resolve().parent)
+        free = stat.f_bavail * stat.f_frsize
+        reason = f"its disk is full ({free} bytes free)" if free < max(needed, 1 << 20) else "a short write"
+    return f"output {path} could not be written whole ({reason}); nothing was written"
 
 
 def make_folder(path, option: str, expected: str = "a folder") -> Path:

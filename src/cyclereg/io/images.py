@@ -9,12 +9,9 @@ A domain coordinate ``u`` (tensor order, ``[0, 1]``) of an image is the physical
 
 from __future__ import annotations
 
-import contextlib
 import gzip
 import os
-import re
 import sys
-import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +20,9 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from cyclereg.core.atomic import atomic_path
+from cyclereg.core.atomic import atomic_path, incomplete_write, out_of_room
+from cyclereg.io.dicom import read_dicom_series
+from cyclereg.io.itk import itk_messages
 from cyclereg.core.errors import DataError, UsageError
 
 __all__ = ["read_image", "image_to_tensor", "Geometry", "Reframed", "to_image", "write_image"]
@@ -42,7 +41,7 @@ def read_image(path, role: str = "image") -> sitk.Image:
     if not path.exists():
         raise DataError(f"{name} does not exist")
     if path.is_dir():
-        image = _read_dicom_series(path, role)
+        image = read_dicom_series(path, role)
         _check_header(name, image.GetDimension(), image.GetSize(), image.GetNumberOfComponentsPerPixel())
         _check_finite(sitk.GetArrayViewFromImage(image), name)
         return image
@@ -194,48 +193,6 @@ def _check_nifti_finite(path: Path, name: str, raw: bytes | None = None) -> None
     _check_finite(values, name)
 
 
-@contextlib.contextmanager
-def itk_messages(name: str, what: str, show_warnings: bool = True):
-    """Turn SimpleITK's exceptions into one-line :class:`DataError` naming the file, and hold back
-    what ITK's C libraries print on stderr while reading: shown if the read succeeds and
-    ``show_warnings``, dropped if it fails (the error says it in one line)."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as captured:
-        os.dup2(captured.fileno(), 2)
-        failed = None
-        try:
-            yield
-        except RuntimeError as err:
-            failed = err
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-        if failed is not None:
-            lines = [line for line in str(failed).strip().splitlines() if line.strip()]
-            reason = re.sub(r"^(sitk::ERROR|ITK ERROR): (\w+\(0x[0-9a-f]+\): )?", "", lines[-1] if lines else "unknown format")
-            raise DataError(f"{name} {what} ({reason.strip()})") from None
-        captured.seek(0)
-        text = captured.read().decode(errors="replace")
-        if text and show_warnings:
-            sys.stderr.write(text)
-
-
-def _read_dicom_series(folder: Path, role: str) -> sitk.Image:
-    """A folder is read as a DICOM series (the only series in it)."""
-    name = f"{role} {folder}"
-    with itk_messages(name, "cannot be read as a DICOM series", show_warnings=False):  # "no series found"
-        series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
-    if not series:
-        raise DataError(f"{name} is a folder without a DICOM series; expected an image file or a DICOM folder")
-    if len(series) > 1:
-        raise DataError(f"{name} holds {len(series)} DICOM series; expected one")
-    reader = sitk.ImageSeriesReader()
-    with itk_messages(name, "cannot be read as a DICOM series"):
-        reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series[0]))
-        return reader.Execute()
-
-
 def image_to_tensor(image: sitk.Image) -> torch.Tensor:
     """``(1, 1, *spatial)`` float32 tensor of a scalar image (finite: :func:`read_image` checked it)."""
     return torch.from_numpy(sitk.GetArrayFromImage(image).astype(np.float32))[None, None]
@@ -367,6 +324,48 @@ def write_image(path, array, reference: sitk.Image, pixel_id=None, exact: str | 
         if values.size and (values.min() < info.min or values.max() > info.max):
             raise UsageError(f"{exact} {path}: the values go from {values.min():g} to {values.max():g}, but the file holds "
                              f"{info.dtype} ({info.min} to {info.max}); name a .nii.gz or .mha file")
-    image = to_image(array, reference, pixel_id)
+    save_image(to_image(array, reference, pixel_id), path)
+
+
+def save_image(image: sitk.Image, path) -> None:
+    """``sitk.WriteImage`` atomically; a write that fails or stops short (a full disk, ``ulimit -f``) is one
+    error naming the file, and leaves nothing. ITK's NIfTI writer reports a short write only on stderr,
+    so a NIfTI file is checked complete before it replaces ``path``."""
+    needed = image.GetNumberOfPixels() * image.GetSizeOfPixelComponent() * image.GetNumberOfComponentsPerPixel()
     with atomic_path(path) as tmp:
-        sitk.WriteImage(image, str(tmp))
+        try:
+            with itk_messages(f"output {path}", "could not be written"):  # what ITK printed: dropped if incomplete
+                sitk.WriteImage(image, str(tmp))
+                if not _nifti_complete(tmp):
+                    raise DataError(incomplete_write(path, needed))
+        except DataError:
+            if out_of_room(tmp):  # each ITK writer words it its own way: say it once
+                raise DataError(incomplete_write(path, needed)) from None
+            raise
+
+
+def _nifti_complete(path: Path) -> bool:
+    """False for a NIfTI-1 file shorter than its header says (gzip: the stream's length in its trailer);
+    True for a complete one and for other formats."""
+    name = path.name.lower()
+    if not name.endswith((".nii", ".nii.gz")):
+        return True
+    try:
+        opener = gzip.open if name.endswith(".gz") else open
+        with opener(path, "rb") as f:
+            header = f.read(348)
+        endian = "<" if int.from_bytes(header[:4], "little") == 348 else ">"
+        dims = np.frombuffer(header[40:56], dtype=f"{endian}i2")
+        bitpix = int(np.frombuffer(header[72:74], dtype=f"{endian}i2")[0])
+        offset = int(np.frombuffer(header[108:112], dtype=f"{endian}f4")[0])
+    except (OSError, EOFError, IndexError, ValueError):
+        return False
+    expected = offset + int(np.prod(dims[1:1 + int(dims[0])], dtype=np.int64)) * bitpix // 8
+    if not name.endswith(".gz"):
+        return path.stat().st_size >= expected
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        if f.tell() < 18:
+            return False
+        f.seek(-4, os.SEEK_END)
+        return int.from_bytes(f.read(4), "little") == expected % 2**32

@@ -13,9 +13,10 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from cyclereg.core.atomic import atomic_path
+from cyclereg.core.atomic import atomic_path, check_output, incomplete_write, room_for
 from cyclereg.core.errors import DataError
-from cyclereg.io.images import itk_messages
+from cyclereg.io.images import save_image
+from cyclereg.io.itk import itk_messages
 
 __all__ = ["is_transform_file", "read_transform", "read_affine", "affine_parts", "affine_transform", "write_transform",
            "write_displacement", "displacement_transform"]
@@ -77,10 +78,24 @@ def read_affine(path, dim: int, option: str = "--affine") -> sitk.AffineTransfor
     return affine_transform(linear, offset)
 
 
+def _parameter_bytes(transform: sitk.Transform) -> int:
+    """The bytes of a transform's parameters as doubles (a composite: all of its transforms)."""
+    if transform.GetName() == "CompositeTransform":
+        composite = sitk.CompositeTransform(transform)
+        return sum(_parameter_bytes(composite.GetNthTransform(k)) for k in range(composite.GetNumberOfTransforms()))
+    return 8 * (transform.GetNumberOfParameters() + transform.GetNumberOfFixedParameters())
+
+
 def write_transform(path, transform: sitk.Transform) -> None:
-    """Write an ITK transform file atomically."""
+    """Write an ITK transform file atomically; a failed write is one error naming the file. The room is
+    checked first: ITK's HDF5 writer, cut short, takes the process down as it exits."""
+    needed = _parameter_bytes(transform)
+    check_output(path)
+    if needed > room_for(path):
+        raise DataError(incomplete_write(path, needed))
     with atomic_path(path) as tmp:
-        sitk.WriteTransform(transform, str(tmp))
+        with itk_messages(f"output {path}", "could not be written"):
+            sitk.WriteTransform(transform, str(tmp))
 
 
 def write_displacement(path, displacement: torch.Tensor, reference: sitk.Image) -> None:
@@ -96,8 +111,7 @@ def write_displacement(path, displacement: torch.Tensor, reference: sitk.Image) 
         return
     field = sitk.GetImageFromArray(displacement.detach().cpu().float().movedim(0, -1).numpy(), isVector=True)
     field.CopyInformation(reference)
-    with atomic_path(path) as tmp:
-        sitk.WriteImage(field, str(tmp))
+    save_image(field, path)
 
 
 def displacement_transform(displacement: torch.Tensor, reference: sitk.Image) -> sitk.DisplacementFieldTransform:

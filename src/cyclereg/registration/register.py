@@ -28,8 +28,8 @@ import torch.nn.functional as F
 
 from cyclereg.core.coords import identity_grid
 from cyclereg.core.errors import DataError, UsageError
-from cyclereg.core.atomic import atomic_path
-from cyclereg.io.images import Geometry, image_to_tensor, read_image, write_image
+from cyclereg.core.atomic import all_or_nothing
+from cyclereg.io.images import Geometry, image_to_tensor, read_image, save_image, write_image
 from cyclereg.io.transforms import (affine_parts, affine_transform, displacement_transform, is_transform_file, read_affine,
                                     read_transform, write_displacement, write_transform)
 from cyclereg.core.label_metrics import folded_percent
@@ -273,12 +273,19 @@ def write_outputs(reg: Registration, device=None, warped=None, transform=None, j
     """Write the requested outputs of a registration on the fixed image's grid (the inverse transform
     on the moving image's). Returns a summary."""
     grid = on_fixed_grid(reg, device)
-    pair, g_fixed, g_moving = reg.pair, Geometry.of(reg.pair.fixed), Geometry.of(reg.pair.moving)
-    det = grid.det
+    pair, det = reg.pair, grid.det
     summary = {"folds": int(folded(det).sum()), "folded_percent": folded_percent(det.cpu().numpy()),
                "jacobian_min": float(det.min()), "jacobian_max": float(det.max())}
     if pair.affine_summary is not None:
         summary["affine"] = pair.affine_summary
+    with all_or_nothing():  # every output, or none (a full disk at the last one)
+        _write_each(reg, grid, summary, device, warped, transform, jacobian, warped_labels, figure, transform_inverse)
+    return summary
+
+
+def _write_each(reg, grid, summary, device, warped, transform, jacobian, warped_labels, figure, transform_inverse) -> None:
+    """The outputs of :func:`write_outputs`, one after the other."""
+    pair, g_fixed, g_moving = reg.pair, Geometry.of(reg.pair.fixed), Geometry.of(reg.pair.moving)
     warped_image = warp_image(pair.moving, grid.moving_domain) if warped or figure else None
     warped_lab = None
     if pair.moving_labels is not None and (warped_labels or figure):
@@ -301,6 +308,7 @@ def write_outputs(reg: Registration, device=None, warped=None, transform=None, j
                                  title=f"folds {summary['folds']}, det J in [{summary['jacobian_min']:.2f}, {summary['jacobian_max']:.2f}]")
     if jacobian:
         write_image(jacobian, grid.det_per_voxel(), pair.fixed, None)
+
     def composite(path) -> bool:  # affine + displacement as one ITK composite transform
         return pair.affine is not None and is_transform_file(path)
 
@@ -314,7 +322,6 @@ def write_outputs(reg: Registration, device=None, warped=None, transform=None, j
             write_transform(transform_inverse, inverse_composite(reg, device))
         else:
             write_displacement(transform_inverse, inverse_displacement(reg, device), pair.moving)
-    return summary
 
 
 def register_files(model, info, fixed, moving, warped=None, transform=None, jacobian=None, moving_labels=None,
@@ -342,5 +349,4 @@ def warp_file(transform, moving, fixed, out, nearest: bool = False) -> None:
             raise DataError(f"{role} {path} is {img.GetDimension()}D but --transform {transform} is {tx.GetDimension()}D")
     result = sitk.Resample(moving_img, fixed_img, tx, sitk.sitkNearestNeighbor if nearest else sitk.sitkLinear,
                            0.0, moving_img.GetPixelID())
-    with atomic_path(out) as tmp:
-        sitk.WriteImage(result, str(tmp))
+    save_image(result, out)
