@@ -4,13 +4,14 @@ labelled subjects, whole 1 mm images, files in and out, side by side in one run.
 Rows: no registration; ANTs Affine (antspyx ``type_of_transform="Affine"``, its defaults; skipped with a
 note when antspyx is not installed, see requirements-reference.txt) and, with ``--syn``, ANTs SyN (its
 defaults, which include its own affine stage); ``cyclereg affine`` with NCC and with MI; with ``--model M``,
-``cyclereg register --model M`` (its affine stage, then the model; ``--passes`` as given). Columns: Dice over ``brain/eval_labels.txt`` (warped moving
+``cyclereg register --model M`` (its affine stage, then the model; ``--model default``: the shipped model), in one
+pass and, as asked, with ``--passes``, ``--io-steps`` and ``--io-field-steps`` (a row each). Columns: Dice over ``brain/eval_labels.txt`` (warped moving
 aseg, nearest neighbour, against the fixed aseg), HD95 (mm), % of brain voxels (fixed aseg > 0) with
 det J <= 0, SDlogJ there, seconds per pair (the command's wall time, files in and out), peak memory of
 the command (RSS). A figure of the first pair: fixed, moving, after affine, after the model.
 ITK (in ANTs and SimpleITK) and torch run on one thread each, as cyclereg's affine stage does.
 
-    python benchmarks/real_brains.py [--syn] [--pairs N] [--model MODEL [--passes N]]
+    python benchmarks/real_brains.py [--syn] [--pairs N] [--model MODEL|default [--passes N] [--io-steps N] [--io-field-steps N]]
 
 The held-out subjects (``HELD_OUT``) are kept out of all training (issue 19 uses the same ones).
 """
@@ -101,20 +102,40 @@ import json; json.dump(r["fwdtransforms"], open({str(out / 'transforms.json')!r}
     return transforms, det, seconds, peak
 
 
-def _cyclereg_model(fixed: Path, moving: Path, moving_aseg: Path, out: Path, model: Path, passes: int):
-    seconds, peak = _run([sys.executable, "-m", "cyclereg", "register", "--model", model, "--fixed", fixed, "--moving", moving,
+def _cyclereg_model(fixed: Path, moving: Path, moving_aseg: Path, out: Path, model: Path | None, options: list):
+    """``cyclereg register`` with ``model`` (None: the shipped default) and extra ``options``."""
+    chosen = [] if model is None else ["--model", model]
+    seconds, peak = _run([sys.executable, "-m", "cyclereg", "register", *chosen, "--fixed", fixed, "--moving", moving,
                           "--moving-labels", moving_aseg, "--warped-labels", out / "warped_aseg.nii.gz",
-                          "--warped", out / "warped.nii.gz", "--jacobian", out / "jacobian.nii.gz", "--passes", passes])
+                          "--warped", out / "warped.nii.gz", "--jacobian", out / "jacobian.nii.gz", *options])
     det = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "jacobian.nii.gz")))  # the whole map's, affine included
     return sitk.ReadImage(str(out / "warped_aseg.nii.gz")), det, seconds, peak
+
+
+def _model_rows(args) -> dict:
+    """Row name -> register options, for the model rows asked for."""
+    if not args.model:
+        return {}
+    name = "shipped model" if args.model == "default" else args.model.name
+    rows = {f"cyclereg affine + {name}": []}
+    if args.passes > 1:
+        rows[f"cyclereg affine + {name}, {args.passes} passes"] = ["--passes", args.passes]
+    if args.io_steps:
+        rows[f"cyclereg affine + {name}, --io-steps {args.io_steps}"] = ["--io-steps", args.io_steps]
+    if args.io_field_steps:
+        rows[f"cyclereg affine + {name}, --io-field-steps {args.io_field_steps}"] = ["--io-field-steps", args.io_field_steps]
+    return rows
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--syn", action="store_true", help="also ANTs SyN (about two minutes a pair)")
     p.add_argument("--pairs", type=int, default=None, help="only the first N directed pairs")
-    p.add_argument("--model", type=Path, default=None, help="also cyclereg register with this model file")
-    p.add_argument("--passes", type=int, default=1, help="--model: the register command's --passes")
+    p.add_argument("--model", type=Path, default=None, help="also cyclereg register with this model file "
+                   "('default': the shipped model, no --model)")
+    p.add_argument("--passes", type=int, default=1, help="--model: also a row with this many --passes")
+    p.add_argument("--io-steps", type=int, default=0, help="--model: also a row with this many --io-steps")
+    p.add_argument("--io-field-steps", type=int, default=0, help="--model: also a row with this many --io-field-steps")
     args = p.parse_args()
     labels = _labels()
     pairs = list(itertools.permutations(HELD_OUT, 2))[: args.pairs]
@@ -124,9 +145,8 @@ def main() -> None:
         ants = None
     have_ants = ants is not None
     methods = ["none", "cyclereg affine (NCC)", "cyclereg affine (MI)"]
-    model_row = f"cyclereg affine + {args.model.name}" + (f", {args.passes} passes" if args.passes > 1 else "") if args.model else None
-    if model_row:
-        methods.append(model_row)
+    model_rows = _model_rows(args)
+    methods += list(model_rows)
     if have_ants:
         methods[1:1] = ["ANTs Affine"] + (["ANTs SyN"] if args.syn else [])
     results = {m: [] for m in methods}
@@ -140,9 +160,10 @@ def main() -> None:
         for method in methods[1:]:
             with tempfile.TemporaryDirectory() as tmp:
                 out = Path(tmp)
-                if method == model_row:
+                if method in model_rows:
+                    model = None if args.model == Path("default") else args.model
                     warped_aseg, det, seconds, peak = _cyclereg_model(fixed, moving, BRAINS / f"{moving_name}_aseg.nii.gz", out,
-                                                                      args.model, args.passes)
+                                                                      model, model_rows[method])
                 elif method.startswith("cyclereg"):
                     transform, det, seconds, peak = _cyclereg_affine(fixed, moving, out, "mi" if "MI" in method else "ncc")
                     warped_aseg = sitk.Resample(moving_aseg, fixed_aseg, transform, sitk.sitkNearestNeighbor, 0)
