@@ -156,7 +156,7 @@ def _snapshot(out: Path) -> dict:
     return {n: (st.st_ino, st.st_mtime_ns) for n, st in files.items() if n.rsplit("_", 1)[0] in done}
 
 
-def _batch(model: Path, images: Path, n_pairs: int, kills: int, rng, work: Path) -> dict:
+def _batch(model: Path, images: Path, n_pairs: int, kills: int, rng, work: Path, startup: float) -> dict:
     """A batch of ``n_pairs`` killed ``kills`` times at random and rerun until it completes, against an
     uninterrupted batch: outputs equal, and no complete pair written again."""
     rs = np.random.default_rng(1)
@@ -179,9 +179,10 @@ def _batch(model: Path, images: Path, n_pairs: int, kills: int, rng, work: Path)
         proc = subprocess.Popen(_batch_argv(model, pairs_csv, out), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                 text=True, env=ENV)
         reruns += 1
-        if made < kills:
+        if made < kills:  # a random moment of what is left: start-up plus the pairs not done yet
+            left = n_pairs - len(before) // 2
             try:
-                proc.wait(timeout=rng.uniform(0.1 * seconds, 0.6 * seconds))
+                proc.wait(timeout=rng.uniform(0.0, startup + (seconds - startup) * max(left, 1) / n_pairs))
             except subprocess.TimeoutExpired:
                 proc.kill()
                 made += 1
@@ -295,7 +296,7 @@ def main() -> int:
         shipped_seconds = time.monotonic() - t0
         shipped = _register_kills(shipped_argv, shipped_ref, max(1, args.register_kills // 2), shipped_seconds, rng,
                                   work, "shipped")
-    batch = _batch(model, images, args.batch_pairs, args.batch_kills, rng, work) if args.batch_kills else None
+    batch = _batch(model, images, args.batch_pairs, args.batch_kills, rng, work, register_seconds) if args.batch_kills else None
     shutil.rmtree(work)
 
     rows = [("training runs", runs), ("kill -9 during training", kills), ("SIGTERM during training", terms),
