@@ -123,7 +123,9 @@ def _model_rows(args) -> dict:
     if args.io_steps:
         rows[f"cyclereg affine + {name}, --io-steps {args.io_steps}"] = ["--io-steps", args.io_steps]
     if args.io_field_steps:
-        rows[f"cyclereg affine + {name}, --io-field-steps {args.io_field_steps}"] = ["--io-field-steps", args.io_field_steps]
+        refine = ["--io-field-steps", args.io_field_steps] + (["--io-field-downsample", args.io_field_downsample]
+                                                             if args.io_field_downsample else [])
+        rows[f"cyclereg affine + {name}, {' '.join(map(str, refine))}"] = refine
     return rows
 
 
@@ -136,6 +138,7 @@ def main() -> None:
     p.add_argument("--passes", type=int, default=1, help="--model: also a row with this many --passes")
     p.add_argument("--io-steps", type=int, default=0, help="--model: also a row with this many --io-steps")
     p.add_argument("--io-field-steps", type=int, default=0, help="--model: also a row with this many --io-field-steps")
+    p.add_argument("--io-field-downsample", type=int, default=0, help="--io-field-steps: with this --io-field-downsample")
     args = p.parse_args()
     labels = _labels()
     pairs = list(itertools.permutations(HELD_OUT, 2))[: args.pairs]
