@@ -95,3 +95,14 @@ def test_register_with_two_series_refuses_then_series_registers(scans, tmp_path,
     assert code == 0, err
     result = sitk.ReadImage(str(warped))
     assert result.GetSize() == (20, 18, 12)
+
+
+def test_reading_dicom_leaves_the_locale_and_text_encoding_as_they_were(scans):
+    import locale
+
+    root, _, _ = scans
+    before = locale.setlocale(locale.LC_ALL), locale.getpreferredencoding(False)
+    read_image(root / "one")
+    with pytest.raises(DataError):
+        read_image(root / "two")
+    assert (locale.setlocale(locale.LC_ALL), locale.getpreferredencoding(False)) == before

@@ -301,7 +301,7 @@ def load_config(path, overrides=()) -> Config:
     """Read a TOML config file, apply ``--set`` overrides, validate."""
     path = Path(path)
     try:
-        raw = tomllib.loads(path.read_text())
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise UsageError(f"config file {path} does not exist") from None
     except IsADirectoryError:
