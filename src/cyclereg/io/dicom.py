@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import locale
 from pathlib import Path
 
 import SimpleITK as sitk
@@ -45,24 +44,8 @@ def _describe_series(folder: Path, uid: str) -> str:
     return f"{uid} ({len(files)} files{', ' + repr(description) if description else ''})"
 
 
-@contextlib.contextmanager
-def _locale_kept():
-    """GDCM sets the C library's locale to "C" while it reads, which turns Python's default text encoding
-    into ASCII for the rest of the process: put it back."""
-    saved = locale.setlocale(locale.LC_ALL)
-    try:
-        yield
-    finally:
-        locale.setlocale(locale.LC_ALL, saved)
-
-
 def read_dicom_series(folder: Path, role: str) -> sitk.Image:
     """A folder is read as a DICOM series: the only series in it, or the one chosen by ``--series``."""
-    with _locale_kept():
-        return _read_series(folder, role)
-
-
-def _read_series(folder: Path, role: str) -> sitk.Image:
     name = f"{role} {folder}"
     with itk_messages(name, "cannot be read as a DICOM series", show_warnings=False):  # "no series found"
         series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
