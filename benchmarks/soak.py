@@ -107,16 +107,15 @@ def _outputs_equal(out: Path, reference: Path) -> tuple[int, bool]:
     expected = {"warped.nii.gz", "transform.h5", "jacobian.nii.gz"}
     if not set(names) <= expected:
         return len(names), False
-    ok = True
-    for name in names:
-        if name.endswith(".h5"):
-            a = sitk.ReadTransform(str(out / name))
-            b = sitk.ReadTransform(str(reference / name))
-            ok &= a.GetFixedParameters() == b.GetFixedParameters() and a.GetParameters() == b.GetParameters()
-        else:
-            ok &= bool(np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(out / name))),
-                                      sitk.GetArrayFromImage(sitk.ReadImage(str(reference / name)))))
-    return len(names), ok
+    return len(names), all(_same(out / name, reference / name) for name in names)
+
+
+def _same(a: Path, b: Path) -> bool:
+    """Two outputs hold the same transform (``.h5``) or the same voxels."""
+    if a.name.endswith(".h5"):
+        x, y = sitk.ReadTransform(str(a)), sitk.ReadTransform(str(b))
+        return x.GetFixedParameters() == y.GetFixedParameters() and x.GetParameters() == y.GetParameters()
+    return bool(np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(a))), sitk.GetArrayFromImage(sitk.ReadImage(str(b)))))
 
 
 def _register_kills(argv_for, reference: Path, kills: int, seconds: float, rng, work: Path, tag: str) -> dict:
@@ -195,14 +194,8 @@ def _batch(model: Path, images: Path, n_pairs: int, kills: int, rng, work: Path,
         if proc.returncode > 0:
             raise SystemExit(f"batch rerun failed: {err.strip()[-300:]}")
     names = sorted(p.name for p in reference.iterdir() if not p.name.startswith("."))
-    equal = sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == names
-    for name in names:
-        if name.endswith(".h5"):
-            a, b = sitk.ReadTransform(str(out / name)), sitk.ReadTransform(str(reference / name))
-            equal &= a.GetParameters() == b.GetParameters()
-        else:
-            equal &= bool(np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(out / name))),
-                                         sitk.GetArrayFromImage(sitk.ReadImage(str(reference / name)))))
+    equal = (sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == names
+             and all(_same(out / name, reference / name) for name in names))
     return {"pairs": n_pairs, "seconds": seconds, "kills": made, "runs": reruns, "rewritten": rewritten, "equal": equal}
 
 

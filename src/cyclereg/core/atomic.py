@@ -34,11 +34,7 @@ def atomic_path(path):
             os.replace(tmp, path)
         else:
             pending.append((tmp, path))
-    except DataError:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    except Exception as err:  # any writer (torch, safetensors, matplotlib) that ran out of room: one line
+    except Exception as err:  # any writer (ITK, torch, safetensors, matplotlib) that ran out of room: one line
         no_room = getattr(err, "errno", None) in _NO_ROOM or out_of_room(tmp)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -73,12 +69,22 @@ def all_or_nothing():
         os.replace(tmp, path)
 
 
+def _limit() -> int | None:
+    """The file-size limit (``ulimit -f``) in bytes, None if there is none."""
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    return None if limit == resource.RLIM_INFINITY else limit
+
+
+def _free(path) -> int:
+    """Bytes free on the disk of ``path``'s folder."""
+    stat = os.statvfs(Path(path).resolve().parent)
+    return stat.f_bavail * stat.f_frsize
+
+
 def room_for(path) -> int:
     """Bytes a new file beside ``path`` can hold: the smaller of the file-size limit and the free space."""
-    stat = os.statvfs(Path(path).resolve().parent)
-    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
-    free = stat.f_bavail * stat.f_frsize
-    return free if limit == resource.RLIM_INFINITY else min(limit, free)
+    limit, free = _limit(), _free(path)
+    return free if limit is None else min(limit, free)
 
 
 def out_of_room(written) -> bool:
@@ -86,19 +92,17 @@ def out_of_room(written) -> bool:
     file-size limit, or its disk has under a megabyte left."""
     written = Path(written)
     size = written.stat().st_size if written.exists() else 0
-    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
-    return (limit != resource.RLIM_INFINITY and size >= limit) or room_for(written) < (1 << 20)
+    limit = _limit()
+    return (limit is not None and size >= limit) or room_for(written) < (1 << 20)
 
 
 def incomplete_write(path, needed: int = 0) -> str:
     """The message for an output that could not be written whole, with the likely reason."""
-    path = Path(path)
-    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
-    if limit != resource.RLIM_INFINITY and (needed == 0 or needed > limit):
+    path, limit = Path(path), _limit()
+    if limit is not None and (needed == 0 or needed > limit):
         reason = f"over the file-size limit of {limit} bytes (ulimit -f)"
     else:
-        stat = os.statvfs(path.resolve().parent)
-        free = stat.f_bavail * stat.f_frsize
+        free = _free(path)
         reason = f"its disk is full ({free} bytes free)" if free < max(needed, 1 << 20) else "a short write"
     return f"output {path} could not be written whole ({reason}); nothing was written"
 

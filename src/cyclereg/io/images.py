@@ -20,7 +20,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from cyclereg.core.atomic import atomic_path, incomplete_write, out_of_room
+from cyclereg.core.atomic import atomic_path, incomplete_write
 from cyclereg.io.dicom import read_dicom_series
 from cyclereg.io.itk import itk_messages
 from cyclereg.core.errors import DataError, UsageError
@@ -332,16 +332,11 @@ def save_image(image: sitk.Image, path) -> None:
     error naming the file, and leaves nothing. ITK's NIfTI writer reports a short write only on stderr,
     so a NIfTI file is checked complete before it replaces ``path``."""
     needed = image.GetNumberOfPixels() * image.GetSizeOfPixelComponent() * image.GetNumberOfComponentsPerPixel()
-    with atomic_path(path) as tmp:
-        try:
-            with itk_messages(f"output {path}", "could not be written"):  # what ITK printed: dropped if incomplete
-                sitk.WriteImage(image, str(tmp))
-                if not _nifti_complete(tmp):
-                    raise DataError(incomplete_write(path, needed))
-        except DataError:
-            if out_of_room(tmp):  # each ITK writer words it its own way: say it once
-                raise DataError(incomplete_write(path, needed)) from None
-            raise
+    with atomic_path(path) as tmp:  # a writer's failure for want of room: atomic_path says it once
+        with itk_messages(f"output {path}", "could not be written"):  # what ITK printed: dropped if incomplete
+            sitk.WriteImage(image, str(tmp))
+            if not _nifti_complete(tmp):
+                raise DataError(incomplete_write(path, needed))
 
 
 def _nifti_complete(path: Path) -> bool:
