@@ -4,7 +4,8 @@ labelled subjects, whole 1 mm images, files in and out, side by side in one run.
 Rows: no registration; ANTs Affine (antspyx ``type_of_transform="Affine"``, its defaults; skipped with a
 note when antspyx is not installed, see requirements-reference.txt) and, with ``--syn``, ANTs SyN (its
 defaults, which include its own affine stage); ``cyclereg affine`` with NCC and with MI; with ``--model M``,
-``cyclereg register --model M`` (its affine stage, then the model; ``--model default``: the shipped model), in one
+``cyclereg register --model M`` (its affine stage, then the model; ``--model default``: the shipped model, or no
+network where none ships; ``--model none``: no network, the map optimised on each pair), in one
 pass and, as asked, with ``--passes``, ``--io-steps`` and ``--io-field-steps`` (a row each). Columns: Dice over ``brain/eval_labels.txt`` (warped moving
 aseg, nearest neighbour, against the fixed aseg), HD95 (mm), % of brain voxels (fixed aseg > 0) with
 det J <= 0, SDlogJ there, seconds per pair (the command's wall time, files in and out), peak memory of
@@ -116,7 +117,7 @@ def _model_rows(args) -> dict:
     """Row name -> register options, for the model rows asked for."""
     if not args.model:
         return {}
-    name = "shipped model" if args.model == "default" else args.model.name
+    name = {"default": "shipped model", "none": "no network (map optimised)"}.get(str(args.model), args.model.name)
     rows = {f"cyclereg affine + {name}": []}
     if args.passes > 1:
         rows[f"cyclereg affine + {name}, {args.passes} passes"] = ["--passes", args.passes]
@@ -134,7 +135,7 @@ def main() -> None:
     p.add_argument("--syn", action="store_true", help="also ANTs SyN (about two minutes a pair)")
     p.add_argument("--pairs", type=int, default=None, help="only the first N directed pairs")
     p.add_argument("--model", type=Path, default=None, help="also cyclereg register with this model file "
-                   "('default': the shipped model, no --model)")
+                   "('default': no --model, the shipped model; 'none': without a network)")
     p.add_argument("--passes", type=int, default=1, help="--model: also a row with this many --passes")
     p.add_argument("--io-steps", type=int, default=0, help="--model: also a row with this many --io-steps")
     p.add_argument("--io-field-steps", type=int, default=0, help="--model: also a row with this many --io-field-steps")

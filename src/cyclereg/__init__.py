@@ -7,6 +7,7 @@ The Python API has the verbs of the command line::
     result.warped, result.transform, result.jacobian                      # SimpleITK objects
     result.warp(labels, nearest=True); result.write(warped="w.nii.gz", transform="t.h5")
     cyclereg.evaluate(model, pairs_csv="pairs.csv")                       # the keys of docs/metrics.md
+    cyclereg.register("fixed.nii.gz", "moving.nii.gz", "none")           # no network: the map optimised
     cyclereg.train("configs/mnist5.toml", out="runs/mnist5")
 
 Registration runs without autograd (instance optimisation aside). The layers behind it, lowest first:
@@ -40,26 +41,42 @@ def load_model(path, device=None) -> Model:
 
 
 def _as_model(model) -> Model:
-    """A loaded model, a model file's path, or None: the model that ships with cyclereg."""
-    if model is None:
-        from cyclereg.models.shipped import default_model
+    """A loaded model, a model file's path, ``"none"`` (no network: ``(None, None)``), or None: the model
+    that ships with cyclereg, or no network where none ships (the CLI's ``--model``)."""
+    from cyclereg.models.shipped import default_model
+    from cyclereg.registration.networkfree import NO_NETWORK
 
-        return load_model(default_model())
+    if model is None:
+        model = default_model() or NO_NETWORK
+    if isinstance(model, str) and model == NO_NETWORK:
+        return Model(None, None)
     return model if isinstance(model, Model) else load_model(model)
 
 
-def _tuning(options: dict):
-    """The instance optimisation of ``io_*`` keyword options (the CLI's ``--io-*``), checked."""
+def _device(network):
+    """The device of ``network``, or without one CUDA if available."""
+    import torch
+
+    if network is not None:
+        return next(network.parameters()).device
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _tuning(options: dict, network):
+    """The instance optimisation of ``io_*`` keyword options (the CLI's ``--io-*``), checked; those not
+    given take a model's defaults, or without a network those of :mod:`cyclereg.registration.networkfree`."""
     import dataclasses
 
     from cyclereg.core.errors import UsageError
-    from cyclereg.registration.tuning import InstanceOptimisation
+    from cyclereg.registration.networkfree import check_tuning
+    from cyclereg.registration.tuning import NETWORK_FREE, NO_IO, InstanceOptimisation
 
     names = {f"io_{f.name}" for f in dataclasses.fields(InstanceOptimisation)}
     unknown = sorted(set(options) - names)
     if unknown:
-        raise UsageError(f"unknown option {unknown[0]!r}; expected some of passes, device, {', '.join(sorted(names))}")
-    return InstanceOptimisation(**{k[3:]: v for k, v in options.items()})
+        raise UsageError(f"unknown option {unknown[0]!r}; expected some of passes, {', '.join(sorted(names))}")
+    tuning = dataclasses.replace(NO_IO if network is not None else NETWORK_FREE, **{k[3:]: v for k, v in options.items()})
+    return tuning if network is not None else check_tuning(tuning)
 
 
 class Registration:
@@ -137,7 +154,8 @@ class Registration:
 def register(fixed, moving, model=None, *, moving_labels=None, passes: int = 1, affine="auto",
              affine_similarity: str = "ncc", **options) -> Registration:
     """Register ``moving`` to ``fixed`` (paths or SimpleITK images, 2D or 3D) with ``model`` (a model file's
-    path or :func:`load_model`'s result), after the affine stage: ``affine`` is ``"auto"``, ``"none"``, a
+    path, :func:`load_model`'s result, or ``"none"``: no network, the map optimised on the pair; default: the
+    shipped model, ``"none"`` where none ships), after the affine stage: ``affine`` is ``"auto"``, ``"none"``, a
     transform file or a SimpleITK transform (the CLI's ``--affine``). ``passes`` and the ``io_*`` options
     are the CLI's ``--passes`` and ``--io-*`` (``io_steps=50``: instance optimisation of the weights;
     ``io_field_steps``: of the map)."""
@@ -145,15 +163,15 @@ def register(fixed, moving, model=None, *, moving_labels=None, passes: int = 1, 
     from cyclereg.models.registration import Passes
     from cyclereg.registration.register import align, read_pair, register_pair
 
-    tuning = _tuning(options)
     network, info = _as_model(model)
-    if passes < 1:
-        raise UsageError(f"passes: expected at least 1, got {passes}")
-    device = next(network.parameters()).device
-    pair = read_pair(fixed, moving, moving_labels, dim=info.dim, names=("fixed", "moving", "moving_labels"))
+    tuning = _tuning(options, network)
+    if passes < 1 or (network is None and passes > 1):
+        raise UsageError(f"passes: expected at least 1 (1 without a network), got {passes}")
+    device = _device(network)
+    pair = read_pair(fixed, moving, moving_labels, dim=info.dim if info else None, names=("fixed", "moving", "moving_labels"))
     pair = align(pair, affine, affine_similarity, device, option="affine")
     runner = Passes(network, passes) if passes > 1 else network
-    return Registration(register_pair(runner, info, pair, tuning), device)
+    return Registration(register_pair(runner, info, pair, tuning, device), device)
 
 
 def evaluate(model, pairs_csv=None, *, labels=None, per_pair=None, dataset=None, root=None, digit=None, size=None,
@@ -164,14 +182,21 @@ def evaluate(model, pairs_csv=None, *, labels=None, per_pair=None, dataset=None,
     default the model's). Returns the summary of ``docs/metrics.md``."""
     from cyclereg.models.registration import Passes
 
-    tuning = _tuning(options)
+    from cyclereg.core.distributed import Context
+    from cyclereg.core.errors import UsageError
+
     network, info = _as_model(model)
+    tuning = _tuning(options, network)
+    if passes < 1 or (network is None and passes > 1):
+        raise UsageError(f"passes: expected at least 1 (1 without a network), got {passes}")
     runner = Passes(network, passes) if passes > 1 else network
     if pairs_csv is not None:
         from cyclereg.evaluation.files import evaluate_csv
 
-        return evaluate_csv(runner, info, pairs_csv, tuning, labels, per_pair, progress=False, affine=affine,
-                            affine_similarity=affine_similarity)
+        return evaluate_csv(runner, info, pairs_csv, tuning, labels, per_pair, progress=False, ctx=Context(device=_device(network)),
+                            affine=affine, affine_similarity=affine_similarity)
+    if network is None:
+        raise UsageError("model 'none' registers image files: give pairs_csv (a dataset scores a model on its kind of data)")
     from cyclereg.evaluation.datasets import evaluate_dataset
 
     return evaluate_dataset(runner, info, dataset, root, digit, size, split, pairs, seed, tuning)

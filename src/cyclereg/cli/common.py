@@ -11,24 +11,30 @@ PASSES_HELP = ("run the model this many times, each pass on the moving image war
 
 
 def add_io_options(parser):
-    """Instance optimisation per pair: the weights (``--io-*``), then the map (``--io-field-*``)."""
-    from cyclereg.registration.tuning import NO_IO as d
+    """Instance optimisation per pair: the weights (``--io-*``), then the map (``--io-field-*``). The defaults
+    are a model's (:data:`~cyclereg.registration.tuning.NO_IO`) or, with ``--model none``, those of
+    :data:`~cyclereg.registration.tuning.NETWORK_FREE`; :func:`tuning_of` fills in the ones not given."""
+    from cyclereg.registration.tuning import NETWORK_FREE as free, NO_IO as d
 
-    parser.add_argument("--io-steps", type=int, default=d.steps, help="instance optimisation: Adam steps on the model's "
-                        "weights for each pair, on its training loss (default: %(default)s)")
-    parser.add_argument("--io-lr", type=float, default=d.lr, help="instance optimisation learning rate (default: %(default)s)")
-    parser.add_argument("--io-downsample", type=int, default=d.downsample, help="instance optimisation of the model's steps "
+    def default(name):
+        a, b = getattr(d, name), getattr(free, name)
+        return f"(default: {a}" + (f"; with --model none: {b})" if a != b else ")")
+
+    parser.add_argument("--io-steps", type=int, help="instance optimisation: Adam steps on the model's "
+                        f"weights for each pair, on its training loss {default('steps')}")
+    parser.add_argument("--io-lr", type=float, help=f"instance optimisation learning rate {default('lr')}")
+    parser.add_argument("--io-downsample", type=int, help="instance optimisation of the model's steps "
                         "downsampled by a multiple of this (1, 2 or 4), on the pair downsampled by it: far cheaper per "
-                        "step; the finer steps run as trained (default: %(default)s)")
-    parser.add_argument("--io-field-steps", type=int, default=d.field_steps, help="then refine the map itself: Adam steps "
-                        "on a smooth residual field, box LNCC + diffusion (default: %(default)s)")
-    parser.add_argument("--io-field-lr", type=float, default=d.field_lr, help="field refinement: first step in voxels, "
-                        "decayed along a cosine (default: %(default)s)")
-    parser.add_argument("--io-field-weight", type=float, default=d.field_weight,
-                        help="field refinement: weight of the residual's diffusion ‖∇R‖² (default: %(default)s)")
-    parser.add_argument("--io-field-downsample", type=int, default=d.field_downsample,
+                        f"step; the finer steps run as trained {default('downsample')}")
+    parser.add_argument("--io-field-steps", type=int, help="then refine the map itself: Adam steps "
+                        f"on a smooth residual field, box LNCC + diffusion {default('field_steps')}")
+    parser.add_argument("--io-field-lr", type=float, help="field refinement: first step in voxels, "
+                        f"decayed along a cosine {default('field_lr')}")
+    parser.add_argument("--io-field-weight", type=float,
+                        help=f"field refinement: weight of the residual's diffusion ‖∇R‖² {default('field_weight')}")
+    parser.add_argument("--io-field-downsample", type=int,
                         help="field refinement: the residual's grid is this many times coarser than the model grid "
-                        "(default: %(default)s)")
+                        f"{default('field_downsample')}")
 
 
 def add_series_option(parser) -> None:
@@ -57,16 +63,26 @@ def csv_affine(args) -> str:
 
 
 def load(args, device=None):
-    """The model of ``--model`` (default: the shipped one) on its device, compiled first with ``--compile``
-    (time on stderr)."""
+    """The model of ``--model`` on its device, compiled first with ``--compile`` (time on stderr); without
+    ``--model``, the shipped default, or, where none ships, no network (a note on stderr). ``--model none``
+    gives ``(None, None)``: registration without a network (:mod:`cyclereg.registration.networkfree`)."""
     from cyclereg.models.registration import compile_networks
     from cyclereg.models.modelfile import load_model
+    from cyclereg.models.shipped import default_model
+    from cyclereg.registration.networkfree import NO_NETWORK
 
     device = device or device_of(args.device)
     if args.model is None:
-        from cyclereg.models.shipped import default_model
-
-        args.model = str(default_model())
+        if default_model() is not None:
+            args.model = str(default_model())
+        else:
+            print(f"cyclereg: no --model given and no default model ships with this cyclereg; registering without "
+                  f"a network (--model {NO_NETWORK}: the affine stage, then the map optimised on this pair)", file=sys.stderr)
+            args.model = NO_NETWORK
+    if args.model == NO_NETWORK:
+        if getattr(args, "compile", False):
+            raise UsageError(f"--compile compiles a network; --model {NO_NETWORK} has none")
+        return None, None
     model, info = load_model(args.model, device)
     if getattr(args, "compile", False):
         seconds = compile_networks(model, info.shape, device)
@@ -75,12 +91,18 @@ def load(args, device=None):
     return model, info
 
 
-def tuning_of(args):
-    """The instance optimisation asked for by the ``--io-*`` options."""
-    from cyclereg.registration.tuning import InstanceOptimisation
+def tuning_of(args, networkfree: bool = False):
+    """The instance optimisation asked for by the ``--io-*`` options; those not given take a model's
+    defaults, or with ``networkfree`` (``--model none``) those of registration without a network."""
+    import dataclasses
 
-    return InstanceOptimisation(args.io_steps, args.io_lr, args.io_downsample, args.io_field_steps, args.io_field_lr,
-                                args.io_field_weight, args.io_field_downsample)
+    from cyclereg.registration import networkfree as free
+    from cyclereg.registration.tuning import NO_IO, InstanceOptimisation
+
+    base = free.TUNING if networkfree else NO_IO
+    given = {f.name: getattr(args, f"io_{f.name}") for f in dataclasses.fields(InstanceOptimisation)}
+    tuning = dataclasses.replace(base, **{k: v for k, v in given.items() if v is not None})
+    return free.check_tuning(tuning) if networkfree else tuning
 
 
 def passes(args, model):
@@ -89,6 +111,8 @@ def passes(args, model):
 
     if args.passes < 1:
         raise UsageError(f"--passes: expected at least 1, got {args.passes}")
+    if model is None and args.passes > 1:
+        raise UsageError("--passes runs a network several times; --model none has none")
     return Passes(model, args.passes) if args.passes > 1 else model
 
 
@@ -98,6 +122,8 @@ def patchwise(args, model, info):
         if args.overlap:
             raise UsageError("--overlap goes with --patch")
         return model
+    if model is None:
+        raise UsageError("--patch runs a network on patches; --model none has none")
     from cyclereg.models.registration import forward_model
     from cyclereg.models.multiscale import Patchwise
 

@@ -10,8 +10,9 @@ from cyclereg.core.errors import UsageError
 
 def add(sub) -> None:
     ev = sub.add_parser("evaluate", help="score a model on held-out pairs")
-    ev.add_argument("--model", help="a model file (default: the model that ships with cyclereg, "
-                    "3D brain T1; `cyclereg models` lists it)")
+    ev.add_argument("--model", help="a model file, or none: no network, the map optimised on each "
+                    "pair after the affine stage (default: the model that ships with cyclereg, 3D brain T1, listed by "
+                    "`cyclereg models`; none where no model ships)")
     ev.add_argument("--dataset", choices=["mnist", "triangles"], default=None)
     ev.add_argument("--root", default=None, help="mnist: folder of the IDX files (default: the model's)")
     ev.add_argument("--split", choices=["train", "heldout", "test"], default="heldout",
@@ -42,7 +43,6 @@ def run(args) -> int:
 
     if args.pairs < 1:
         raise UsageError(f"--pairs: expected at least 1, got {args.pairs}")
-    tuning = tuning_of(args)
     for name, out in (("--json", args.json), ("--per-pair", args.per_pair)):
         if out:
             check_output(out, name)
@@ -53,6 +53,7 @@ def run(args) -> int:
         labels, affine = parse_labels(args.labels), csv_affine(args)
         with distributed.session(device_of(args.device)) as ctx:  # under torchrun: the pairs are split across processes
             model, info = load(args, ctx.device)
+            tuning = tuning_of(args, networkfree=model is None)
             model = passes(args, model)
             summary = evaluate_csv(model, info, args.pairs_csv, tuning=tuning,
                                    labels=labels, per_pair=args.per_pair, ctx=ctx, affine=affine,
@@ -63,6 +64,10 @@ def run(args) -> int:
         from cyclereg.evaluation.datasets import evaluate_dataset
 
         model, info = load(args)
+        if model is None:
+            raise UsageError("--model none registers image files: use --pairs-csv (--dataset scores a model on its "
+                             "kind of data)")
+        tuning = tuning_of(args)
         summary = evaluate_dataset(passes(args, model), info, args.dataset, args.root, args.digit, args.size,
                                    args.split, args.pairs, args.seed, tuning)
     text = json.dumps(summary, indent=2)

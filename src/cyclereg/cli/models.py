@@ -16,7 +16,8 @@ def run(args) -> int:
 
     models = shipped()
     if not models:
-        print("no model ships with this cyclereg; train one (README) and pass it with --model")
+        print("no model ships with this cyclereg: register without --model runs without a network (--model none); "
+              "train one (README) and pass it with --model")
         return 0
     for name, path in models.items():
         info = describe(path)

@@ -11,8 +11,9 @@ from cyclereg.core.errors import UsageError
 
 def add(sub) -> None:
     rg = sub.add_parser("register", help="register a moving image to a fixed image, or every pair of a CSV")
-    rg.add_argument("--model", help="a model file (default: the model that ships with cyclereg, "
-                    "3D brain T1; `cyclereg models` lists it)")
+    rg.add_argument("--model", help="a model file, or none: no network, the map optimised on each "
+                    "pair after the affine stage (default: the model that ships with cyclereg, 3D brain T1, listed by "
+                    "`cyclereg models`; none where no model ships)")
     rg.add_argument("--fixed", help="fixed image (or use --pairs-csv)")
     rg.add_argument("--moving", help="moving image (or use --pairs-csv)")
     rg.add_argument("--pairs-csv", help="register every pair of this CSV (columns fixed, moving[, moving_labels, name]) "
@@ -68,14 +69,15 @@ def run(args) -> int:
         raise UsageError("register needs --fixed and --moving, or --pairs-csv with --out-dir")
     check_outputs({"--warped": args.warped, "--transform": args.transform, "--transform-inverse": args.transform_inverse,
                    "--warped-labels": args.warped_labels, "--jacobian": args.jacobian, "--figure": args.figure})
-    tuning = tuning_of(args)
-    model, info = load(args)
+    device = device_of(args.device)
+    model, info = load(args, device)
+    tuning = tuning_of(args, networkfree=model is None)
     model = passes(args, patchwise(args, model, info))
     summary = register_files(model, info, args.fixed, args.moving, warped=args.warped, transform=args.transform,
                              jacobian=args.jacobian, moving_labels=args.moving_labels,
                              warped_labels=args.warped_labels, tuning=tuning, figure=args.figure,
                              transform_inverse=args.transform_inverse, affine=args.affine,
-                             affine_similarity=args.affine_similarity)
+                             affine_similarity=args.affine_similarity, device=device)
     print(json.dumps(summary))
     return 0
 
@@ -88,15 +90,17 @@ def register_pairs_csv(args) -> int:
         raise UsageError("--pairs-csv replaces --fixed, --moving and the single-pair outputs; use --out-dir and --outputs")
     if not args.out_dir:
         raise UsageError("--pairs-csv needs --out-dir")
-    tuning, affine = tuning_of(args), csv_affine(args)
+    affine = csv_affine(args)
     # Under torchrun the pairs are split across processes; they never need to talk, so no process group.
     ctx = distributed.environment(device_of(args.device))
     model, info = load(args, ctx.device)
+    tuning = tuning_of(args, networkfree=model is None)
     model = passes(args, patchwise(args, model, info))
     outputs = [o.strip() for o in args.outputs.split(",") if o.strip()]
     for summary in register_csv(model, info, args.pairs_csv, args.out_dir, outputs, tuning,
                                 ctx.rank, ctx.world, progress=ctx.main, affine=affine,
-                                affine_similarity=args.affine_similarity, overwrite=args.overwrite):
+                                affine_similarity=args.affine_similarity, overwrite=args.overwrite,
+                                device=ctx.device):
         print(json.dumps(summary), flush=True)
     return 0
 

@@ -29,6 +29,7 @@ from cyclereg.io.pairs import each_row, read_pairs_csv
 from cyclereg.core.label_metrics import folded_percent, hd95, label_volumes, log_jacobian_std
 from cyclereg.core.metrics import dice_labels, dice_threshold, folded
 from cyclereg.io.preprocess import model_grid, prepare
+from cyclereg.registration import networkfree
 from cyclereg.registration.register import align, map_physical, on_fixed_grid, read_pair, register_pair, sample_like_itk, warp_physical
 from cyclereg.registration.tuning import NO_IO, InstanceOptimisation
 
@@ -49,18 +50,19 @@ def parse_labels(text: str | None) -> list[int] | None:
     return labels
 
 
-def _score_pair(model, info, row: dict, labels, tuning: InstanceOptimisation, affine, affine_similarity) -> dict:
-    device = next(model.parameters()).device
-    pair = read_pair(row["fixed"], row["moving"], row.get("moving_labels") or None, dim=info.dim,
+def _score_pair(model, info, row: dict, labels, tuning: InstanceOptimisation, affine, affine_similarity, device) -> dict:
+    """One pair scored by ``model`` (None: without a network, on ``device``)."""
+    device = next(model.parameters()).device if model is not None else device
+    pair = read_pair(row["fixed"], row["moving"], row.get("moving_labels") or None, dim=info.dim if info else None,
                      names=("fixed", "moving", "moving_labels"))
     t0 = time.perf_counter()
     pair = align(pair, row.get("affine") or affine, affine_similarity, device)
-    reg = register_pair(model, info, pair, tuning)
+    reg = register_pair(model, info, pair, tuning, device)
     grid = on_fixed_grid(reg, device)
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
-    reverse = register_pair(model, info, pair.reversed(), tuning)
+    reverse = register_pair(model, info, pair.reversed(), tuning, device)
     back = map_physical(reverse, grid.moving_physical.double())
     g_fixed, g_moving = Geometry.of(pair.fixed), Geometry.of(pair.moving)
     spacing = tuple(reversed(g_fixed.spacing))
@@ -91,8 +93,8 @@ def _score_pair(model, info, row: dict, labels, tuning: InstanceOptimisation, af
 
 
 def _normalised(image, info) -> torch.Tensor:
-    """An image with the model's intensity normalisation, on its own grid."""
-    prep = replace(info.preprocess, spacing=(), pad_multiple=1)
+    """An image with the model's intensity normalisation (without a network: :mod:`.networkfree`'s), on its own grid."""
+    prep = replace(info.preprocess if info else networkfree.preprocessing(image), spacing=(), pad_multiple=1)
     return prepare(image, model_grid(image, prep), prep)
 
 
@@ -155,7 +157,7 @@ def evaluate_csv(model, info, csv_path, tuning: InstanceOptimisation = NO_IO, la
 
     def work(i):
         return previous[i] if i in previous else _score_pair(model, info, {**rows[i], "pair": i}, labels, tuning, affine,
-                                                             affine_similarity)
+                                                             affine_similarity, ctx.device)
 
     try:
         for i, result in each_row(csv_path, range(ctx.rank, len(rows), ctx.world), work, "evaluate", progress and ctx.main):

@@ -1,7 +1,8 @@
 """The models that ship with cyclereg: one safetensors file per model in the package's ``models/weights``
 folder (installed with the package, wheels included), each with its provenance in its header (the
 config, the commit, the training subjects, the steps and the held-out scores; :func:`ship`). ``register``,
-``evaluate`` and the Python API use :data:`DEFAULT` when no model is given; ``cyclereg models`` lists them.
+``evaluate`` and the Python API use :data:`DEFAULT` when no model is given (and register without a network
+where none ships); ``cyclereg models`` lists them.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from cyclereg.core.errors import DataError, UsageError
+from cyclereg.core.errors import DataError
 from cyclereg.models.modelfile import load_model, read_header, save_model
 
 __all__ = ["FOLDER", "DEFAULT", "shipped", "default_model", "describe", "ship"]
@@ -25,13 +26,10 @@ def shipped(folder: Path | None = None) -> dict[str, Path]:
     return {p.name.removesuffix(".safetensors"): p for p in sorted(folder.glob("*.safetensors"))}
 
 
-def default_model(folder: Path | None = None) -> Path:
-    """The file of the default shipped model, or a clear error if this installation has none."""
-    path = shipped(folder).get(DEFAULT)
-    if path is None:
-        raise UsageError(f"no model given (--model) and no default model ({DEFAULT}) ships with this cyclereg; "
-                         "name a model file (README: training)")
-    return path
+def default_model(folder: Path | None = None) -> Path | None:
+    """The file of the default shipped model, or None where this installation has none (``register`` then
+    runs without a network: :mod:`cyclereg.registration.networkfree`)."""
+    return shipped(folder).get(DEFAULT)
 
 
 def describe(path: Path) -> dict:

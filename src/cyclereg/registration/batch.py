@@ -21,10 +21,10 @@ OUTPUT_NAMES = {"warped": "warped.nii.gz", "transform": "transform.h5", "transfo
 
 def register_csv(model, info, csv_path, out_dir, outputs=("warped", "transform"), tuning: InstanceOptimisation = NO_IO,
                  rank: int = 0, world: int = 1, progress: bool = True, affine: str = "auto", affine_similarity: str = "ncc",
-                 overwrite: bool = False):
+                 overwrite: bool = False, device=None):
     """Register every pair of a CSV (columns ``fixed``, ``moving``, optional ``moving_labels``, ``name``
     and ``affine``: a prior transform file for that pair, else ``affine``) with one loaded model,
-    streaming: pair after pair, nothing kept between pairs. Outputs
+    (None: without a network, on ``device``), streaming: pair after pair, nothing kept between pairs. Outputs
     go to ``out_dir/NAME_warped.nii.gz`` and so on (``NAME``: the ``name`` column, or the moving and
     fixed file names). With ``world`` processes, this one takes rows ``rank, rank + world, ...``.
     A batch rerun after a crash skips the pairs whose outputs are all there (each is written whole or not
@@ -52,7 +52,7 @@ def register_csv(model, info, csv_path, out_dir, outputs=("warped", "transform")
         summary = register_files(model, info, row["fixed"], row["moving"], moving_labels=labels,
                                  warped_labels=labels_out,
                                  tuning=tuning, affine=row.get("affine") or affine, affine_similarity=affine_similarity,
-                                 **{k: str(v) for k, v in files.items()})
+                                 device=device, **{k: str(v) for k, v in files.items()})
         return {"name": name, "fixed": row["fixed"], "moving": row["moving"], **summary}
 
     with folder_lock(out_dir, "--out-dir", enabled=rank == 0):

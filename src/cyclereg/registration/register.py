@@ -36,6 +36,7 @@ from cyclereg.core.label_metrics import folded_percent
 from cyclereg.core.metrics import folded, jacobian_determinant
 from cyclereg.io.preprocess import Preprocessing, model_grid, prepare
 from cyclereg.core.transforms import Transform, sample
+from cyclereg.registration import networkfree
 from cyclereg.registration.instance import register_tensors
 from cyclereg.registration.tuning import NO_IO, InstanceOptimisation
 
@@ -166,7 +167,15 @@ class Registration:
     reverse: Callable[[], Transform] | None = None
 
 
-def register_pair(model, info, pair: Pair, tuning: InstanceOptimisation = NO_IO) -> Registration:
+def register_pair(model, info, pair: Pair, tuning: InstanceOptimisation = NO_IO, device=None) -> Registration:
+    """``pair`` registered by ``model`` (with ``info``), or with no network (``model`` None, on ``device``:
+    :mod:`.networkfree`)."""
+    if model is None:
+        tuning = networkfree.check_tuning(tuning)
+        grid, m, f = model_inputs(pair, networkfree.preprocessing(pair.fixed))
+        m, f = m.to(device), f.to(device)
+        return Registration(pair, grid, networkfree.optimised_map(m, f, tuning),
+                            reverse=lambda: networkfree.optimised_map(f, m, tuning))
     fixed_shape = any(s.network == "mlp" for s in info.config.model.steps)
     grid, m, f = model_inputs(pair, info.preprocess, tuple(reversed(info.shape)) if fixed_shape else None)
     return Registration(pair, grid, register_tensors(model, info, m, f, tuning),
@@ -326,15 +335,15 @@ def _write_each(reg, grid, summary, device, warped, transform, jacobian, warped_
 
 def register_files(model, info, fixed, moving, warped=None, transform=None, jacobian=None, moving_labels=None,
                    warped_labels=None, tuning: InstanceOptimisation = NO_IO, figure=None, transform_inverse=None,
-                   affine="auto", affine_similarity: str = "ncc") -> dict:
-    """Register the files ``moving`` to ``fixed`` with a trained model, after the affine stage
-    (:func:`align`), and write the requested outputs in the fixed image's space. Returns a summary
-    (folds, Jacobian range, the affine stage)."""
+                   affine="auto", affine_similarity: str = "ncc", device=None) -> dict:
+    """Register the files ``moving`` to ``fixed`` with a trained model (None: without a network, on
+    ``device``), after the affine stage (:func:`align`), and write the requested outputs in the fixed
+    image's space. Returns a summary (folds, Jacobian range, the affine stage)."""
     if (moving_labels is None) != (warped_labels is None):
         raise UsageError("--moving-labels and --warped-labels go together")
-    device = next(model.parameters()).device
-    pair = align(read_pair(fixed, moving, moving_labels, dim=info.dim), affine, affine_similarity, device)
-    reg = register_pair(model, info, pair, tuning)
+    device = next(model.parameters()).device if model is not None else device
+    pair = align(read_pair(fixed, moving, moving_labels, dim=info.dim if info else None), affine, affine_similarity, device)
+    reg = register_pair(model, info, pair, tuning, device)
     return write_outputs(reg, device, warped=warped, transform=transform, jacobian=jacobian,
                          warped_labels=warped_labels, figure=figure, transform_inverse=transform_inverse)
 
