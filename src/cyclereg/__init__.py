@@ -68,15 +68,13 @@ def _tuning(options: dict, network):
     import dataclasses
 
     from cyclereg.core.errors import UsageError
-    from cyclereg.registration.networkfree import check_tuning
-    from cyclereg.registration.tuning import NETWORK_FREE, NO_IO, InstanceOptimisation
+    from cyclereg.registration.tuning import InstanceOptimisation, settings
 
     names = {f"io_{f.name}" for f in dataclasses.fields(InstanceOptimisation)}
     unknown = sorted(set(options) - names)
     if unknown:
         raise UsageError(f"unknown option {unknown[0]!r}; expected some of passes, {', '.join(sorted(names))}")
-    tuning = dataclasses.replace(NO_IO if network is not None else NETWORK_FREE, **{k[3:]: v for k, v in options.items()})
-    return tuning if network is not None else check_tuning(tuning)
+    return settings({k[3:]: v for k, v in options.items()}, networkfree=network is None)
 
 
 class Registration:

@@ -96,13 +96,9 @@ def tuning_of(args, networkfree: bool = False):
     defaults, or with ``networkfree`` (``--model none``) those of registration without a network."""
     import dataclasses
 
-    from cyclereg.registration import networkfree as free
-    from cyclereg.registration.tuning import NO_IO, InstanceOptimisation
+    from cyclereg.registration.tuning import InstanceOptimisation, settings
 
-    base = free.TUNING if networkfree else NO_IO
-    given = {f.name: getattr(args, f"io_{f.name}") for f in dataclasses.fields(InstanceOptimisation)}
-    tuning = dataclasses.replace(base, **{k: v for k, v in given.items() if v is not None})
-    return free.check_tuning(tuning) if networkfree else tuning
+    return settings({f.name: getattr(args, f"io_{f.name}") for f in dataclasses.fields(InstanceOptimisation)}, networkfree)
 
 
 def passes(args, model):

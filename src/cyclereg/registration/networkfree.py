@@ -16,13 +16,12 @@ import math
 import SimpleITK as sitk
 import torch
 
-from cyclereg.core.errors import UsageError
 from cyclereg.core.transforms import Identity, Transform
 from cyclereg.io.preprocess import Preprocessing
 from cyclereg.registration.refine import refine_map
-from cyclereg.registration.tuning import NETWORK_FREE, InstanceOptimisation
+from cyclereg.registration.tuning import NETWORK_FREE, InstanceOptimisation, check_networkfree
 
-__all__ = ["NO_NETWORK", "GRID_VOXELS", "TUNING", "preprocessing", "check_tuning", "optimised_map"]
+__all__ = ["NO_NETWORK", "GRID_VOXELS", "TUNING", "preprocessing", "optimised_map"]
 
 NO_NETWORK = "none"  # the --model value (and the Python API's model=) that registers without a network
 GRID_VOXELS = 64 ** 3  # the optimisation grid's most voxels
@@ -38,16 +37,8 @@ def preprocessing(fixed: sitk.Image) -> Preprocessing:
     return Preprocessing(intensity="percentile", spacing=(spacing,) * len(extent))
 
 
-def check_tuning(tuning: InstanceOptimisation) -> InstanceOptimisation:
-    """``tuning`` if it can register without a network: no weights to tune, and some steps on the map."""
-    if tuning.steps:
-        raise UsageError("--io-steps tunes a network's weights; --model none has no network (use --io-field-steps)")
-    if not tuning.field_steps:
-        raise UsageError("--model none: the map is optimised by --io-field-steps; expected at least 1 step")
-    return tuning
-
-
 def optimised_map(moving: torch.Tensor, fixed: torch.Tensor, tuning: InstanceOptimisation) -> Transform:
     """The map for prepared inputs ``(1, 1, *spatial)``: the identity refined as ``tuning`` says."""
+    check_networkfree(tuning)
     return refine_map(Identity(), moving, fixed, tuning.field_steps, tuning.field_lr, tuning.field_weight,
                       tuning.field_downsample)

@@ -171,7 +171,6 @@ def register_pair(model, info, pair: Pair, tuning: InstanceOptimisation = NO_IO,
     """``pair`` registered by ``model`` (with ``info``), or with no network (``model`` None, on ``device``:
     :mod:`.networkfree`)."""
     if model is None:
-        tuning = networkfree.check_tuning(tuning)
         grid, m, f = model_inputs(pair, networkfree.preprocessing(pair.fixed))
         m, f = m.to(device), f.to(device)
         return Registration(pair, grid, networkfree.optimised_map(m, f, tuning),

@@ -4,11 +4,12 @@ to import (the command line builds its options from them). The work is done in
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from cyclereg.core.errors import UsageError
 
-__all__ = ["InstanceOptimisation", "NO_IO", "NETWORK_FREE"]
+__all__ = ["InstanceOptimisation", "NO_IO", "NETWORK_FREE", "settings", "check_networkfree"]
 
 
 @dataclass(frozen=True)
@@ -55,3 +56,20 @@ NO_IO = InstanceOptimisation()
 # Registration without a network (register --model none, cyclereg.registration.networkfree): the map alone,
 # optimised from the identity; chosen on held-out pairs of T1 brain scans of different people.
 NETWORK_FREE = InstanceOptimisation(field_steps=50, field_lr=0.1, field_weight=3.0, field_downsample=2)
+
+
+def settings(given: dict, networkfree: bool = False) -> InstanceOptimisation:
+    """The settings ``given`` (field name -> value; None: not given) over a model's defaults, or with
+    ``networkfree`` over :data:`NETWORK_FREE`'s, checked."""
+    base = NETWORK_FREE if networkfree else NO_IO
+    tuning = dataclasses.replace(base, **{k: v for k, v in given.items() if v is not None})
+    return check_networkfree(tuning) if networkfree else tuning
+
+
+def check_networkfree(tuning: InstanceOptimisation) -> InstanceOptimisation:
+    """``tuning`` if it can register without a network: no weights to tune, and some steps on the map."""
+    if tuning.steps:
+        raise UsageError("--io-steps tunes a network's weights; --model none has no network (use --io-field-steps)")
+    if not tuning.field_steps:
+        raise UsageError("--model none: the map is optimised by --io-field-steps; expected at least 1 step")
+    return tuning
