@@ -6,6 +6,8 @@ import sys
 
 from cyclereg.core.errors import UsageError
 
+MODEL_HELP = ("a model file, or none: no network, the map optimised on each pair after the affine stage (default: the "
+              "model that ships with cyclereg, 3D brain T1, listed by `cyclereg models`; none where no model ships)")
 PASSES_HELP = ("run the model this many times, each pass on the moving image warped by the passes before; "
                "more accurate for one network call per pass (default: %(default)s)")
 

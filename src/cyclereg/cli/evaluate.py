@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import json
 
-from cyclereg.cli.common import PASSES_HELP, add_affine_options, add_series_option, add_io_options, csv_affine, device_of, load, passes, tuning_of
+from cyclereg.cli.common import MODEL_HELP, PASSES_HELP, add_affine_options, add_series_option, add_io_options, csv_affine, device_of, load, passes, tuning_of
 from cyclereg.core.errors import UsageError
 
 
 def add(sub) -> None:
     ev = sub.add_parser("evaluate", help="score a model on held-out pairs")
-    ev.add_argument("--model", help="a model file, or none: no network, the map optimised on each "
-                    "pair after the affine stage (default: the model that ships with cyclereg, 3D brain T1, listed by "
-                    "`cyclereg models`; none where no model ships)")
+    ev.add_argument("--model", help=MODEL_HELP)
     ev.add_argument("--dataset", choices=["mnist", "triangles"], default=None)
     ev.add_argument("--root", default=None, help="mnist: folder of the IDX files (default: the model's)")
     ev.add_argument("--split", choices=["train", "heldout", "test"], default="heldout",

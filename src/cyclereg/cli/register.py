@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import json
 
-from cyclereg.cli.common import (PASSES_HELP, add_affine_options, add_series_option, add_io_options, check_outputs, csv_affine, device_of, load, passes,
+from cyclereg.cli.common import (MODEL_HELP, PASSES_HELP, add_affine_options, add_series_option, add_io_options, check_outputs, csv_affine, device_of, load, passes,
                                  patchwise, tuning_of)
 from cyclereg.core.errors import UsageError
 
 
 def add(sub) -> None:
     rg = sub.add_parser("register", help="register a moving image to a fixed image, or every pair of a CSV")
-    rg.add_argument("--model", help="a model file, or none: no network, the map optimised on each "
-                    "pair after the affine stage (default: the model that ships with cyclereg, 3D brain T1, listed by "
-                    "`cyclereg models`; none where no model ships)")
+    rg.add_argument("--model", help=MODEL_HELP)
     rg.add_argument("--fixed", help="fixed image (or use --pairs-csv)")
     rg.add_argument("--moving", help="moving image (or use --pairs-csv)")
     rg.add_argument("--pairs-csv", help="register every pair of this CSV (columns fixed, moving[, moving_labels, name]) "
@@ -28,8 +26,7 @@ def add(sub) -> None:
     rg.add_argument("--transform", help="the whole map, fixed points to moving points: an ITK transform file (.h5, .tfm; "
                     "a composite of the affine and the displacement field) or one displacement field, the affine folded in "
                     "(.nii.gz, .mha)")
-    rg.add_argument("--transform-inverse", help="the inverse map, moving points to fixed points (the affine's inverse and "
-                    "the model's reverse map), as --transform")
+    rg.add_argument("--transform-inverse", help="the inverse map (moving points to fixed points), as --transform")
     rg.add_argument("--moving-labels", help="label map of the moving image")
     rg.add_argument("--warped-labels", help="warped label map (nearest neighbour, same pixel type)")
     rg.add_argument("--jacobian", help="Jacobian determinant map")
