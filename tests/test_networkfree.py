@@ -144,3 +144,16 @@ def test_evaluate_scores_pairs_without_a_network(tmp_path, capsys):
     assert with_network_free["n_pairs"] == 1 and with_network_free["dice"] > near_identity["dice"] + 0.05
     assert main(["evaluate", "--model", "none", "--dataset", "triangles"]) == 2
     assert "--model none registers image files: use --pairs-csv" in capsys.readouterr().err
+
+
+def test_a_pairs_csv_is_registered_without_a_network(shifted_pair, tmp_path, capsys):
+    fixed, moving = shifted_pair
+    (tmp_path / "pairs.csv").write_text(f"fixed,moving,name\n{fixed},{moving},p\n")
+    argv = ["register", "--model", "none", "--pairs-csv", str(tmp_path / "pairs.csv"), "--out-dir", str(tmp_path / "out"),
+            "--affine", "none", "--device", "cpu"]
+    assert main(argv) == 0
+    capsys.readouterr()
+    single = _argv(fixed, moving, tmp_path, "--model", "none")
+    assert main(single) == 0
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out" / "p_warped.nii.gz"))),
+                                  sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "w.mha"))))
