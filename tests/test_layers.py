@@ -139,3 +139,15 @@ def test_the_layer_check_sees_a_wrong_import(tmp_path, monkeypatch):
     graph["cyclereg.cli"] = graph["cyclereg.cli"] | {"cyclereg.core.coords"}
     with pytest.raises(AssertionError, match="cyclereg.core.coords -> cyclereg.cli"):
         test_no_import_cycle()
+
+
+def test_the_command_line_parser_loads_no_heavy_module():
+    """Every command's options are built before any command runs: building them imports neither torch
+    nor SimpleITK nor numpy (each command imports its own), so `cyclereg ... --help` and every command start fast."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from cyclereg.cli import _parser; _parser(); "
+            "print(sorted(m for m in ('torch', 'SimpleITK', 'numpy') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

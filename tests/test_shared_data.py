@@ -80,3 +80,36 @@ def test_real_brain_labels_survive_registration_with_their_values(tmp_path):
     warped, original = sitk.ReadImage(str(tmp_path / "w.nii.gz")), sitk.ReadImage(str(aseg))
     assert warped.GetPixelID() == original.GetPixelID()
     assert (sitk.GetArrayFromImage(warped) == sitk.GetArrayFromImage(original)).all()
+
+
+def test_two_real_brains_of_different_people_register_without_a_network(tmp_path, capsys):
+    """fs02 to fs01 (held out of all training), each in its own scanner space, with no model: the affine
+    stage, then the map optimised on the pair. Dice over brain/eval_labels.txt beats the affine stage's by
+    far (measured: 0.682 -> 0.777) with almost no folds."""
+    import json
+
+    import numpy as np
+    import SimpleITK as sitk
+
+    from cyclereg.cli import main
+
+    brains = _need(SHARED / "brains")
+    labels = [int(v) for v in (BRAIN / "eval_labels.txt").read_text().split()]
+    fixed_aseg = sitk.GetArrayFromImage(sitk.ReadImage(str(brains / "fs01_aseg.nii.gz")))
+
+    def dice(path):
+        warped = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+        return np.mean([2 * np.sum((warped == v) & (fixed_aseg == v)) / (np.sum(warped == v) + np.sum(fixed_aseg == v))
+                        for v in labels if (fixed_aseg == v).any()])
+
+    common = ["--fixed", str(brains / "fs01_t1.nii.gz"), "--moving", str(brains / "fs02_t1.nii.gz")]
+    assert main(["affine", *common, "--transform", str(tmp_path / "a.tfm")]) == 0
+    assert main(["warp", "--transform", str(tmp_path / "a.tfm"), "--moving", str(brains / "fs02_aseg.nii.gz"),
+                 "--fixed", str(brains / "fs01_t1.nii.gz"), "--out", str(tmp_path / "affine_aseg.nii.gz"), "--nearest"]) == 0
+    capsys.readouterr()
+    assert main(["register", "--model", "none", *common, "--moving-labels", str(brains / "fs02_aseg.nii.gz"),
+                 "--warped-labels", str(tmp_path / "aseg.nii.gz"), "--device", "cpu"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    affine, deformable = dice(tmp_path / "affine_aseg.nii.gz"), dice(tmp_path / "aseg.nii.gz")
+    assert affine > 0.6 and deformable > affine + 0.05, (affine, deformable)
+    assert summary["folded_percent"] < 0.05

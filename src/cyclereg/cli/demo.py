@@ -8,17 +8,6 @@ import json
 import time
 from pathlib import Path
 
-import torch
-
-from cyclereg.core.atomic import write_text
-from cyclereg.core.config import config_from_dict
-from cyclereg.data.datasets import dataset_images, fixed_pairs
-from cyclereg.evaluation.scores import score_pairs, summarise
-from cyclereg.io.figures import pairs_figure
-from cyclereg.models.modelfile import load_model
-from cyclereg.training.train import train
-from cyclereg.core.transforms import map_on_grid, warp
-
 DEMO_CONFIG = {
     "data": {"dataset": "triangles", "size": 64, "n_train": 2000, "val_pairs": 32},
     "model": {"method": "gradicon", "similarity": "mse", "lam": 2.0,
@@ -30,6 +19,17 @@ METHOD_NAMES = {"icon": "ICON", "gradicon": "GradICON", "diffusion": "diffusion"
 
 
 def run_demo(out, steps: int | None = None) -> dict:
+    import torch
+
+    from cyclereg.core.atomic import write_text
+    from cyclereg.core.config import config_from_dict
+    from cyclereg.core.transforms import map_on_grid, warp
+    from cyclereg.data.datasets import dataset_images, fixed_pairs
+    from cyclereg.evaluation.scores import score_pairs, summarise
+    from cyclereg.io.figures import pairs_figure
+    from cyclereg.models.modelfile import load_model
+    from cyclereg.training.train import train
+
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     raw = json.loads(json.dumps(DEMO_CONFIG))
