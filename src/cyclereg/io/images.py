@@ -296,8 +296,10 @@ class Reframed(Geometry):
 def _apply_affine(matrix: np.ndarray, offset: np.ndarray, points: torch.Tensor) -> torch.Tensor:
     """``matrix @ p + offset`` for points ``(N, d, *S)``, in the points' dtype and device."""
     m = torch.tensor(matrix, dtype=points.dtype, device=points.device)
-    o = torch.tensor(offset, dtype=points.dtype, device=points.device).view(1, -1, *([1] * (points.ndim - 2)))
-    return torch.einsum("ij,nj...->ni...", m, points) + o
+    o = torch.tensor(offset, dtype=points.dtype, device=points.device).view(-1, 1)
+    # One matrix product per item (addmm): several times faster than einsum's general path in float64.
+    flat = points.reshape(points.shape[0], points.shape[1], -1)
+    return torch.stack([torch.addmm(o, m, item) for item in flat]).view(points.shape)
 
 
 def to_image(array, reference: sitk.Image, pixel_id=None) -> sitk.Image:
