@@ -13,6 +13,7 @@ the command (RSS). A figure of the first pair: fixed, moving, after affine, afte
 ITK (in ANTs and SimpleITK) and torch run on one thread each, as cyclereg's affine stage does.
 
     python benchmarks/real_brains.py [--syn] [--pairs N] [--model MODEL|default [--passes N] [--io-steps N] [--io-field-steps N]]
+    python benchmarks/real_brains.py --shell 3     # one pair from the shell, as a user runs it, every core
 
 The held-out subjects (``HELD_OUT``) are kept out of all training (issue 19 uses the same ones).
 """
@@ -50,15 +51,41 @@ _WRAP = ("import resource, subprocess, sys; code = subprocess.run(sys.argv[1:]).
          "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); sys.exit(code)")
 
 
-def _run(argv) -> tuple[float, float]:
+def _run(argv, env=None, stderr: list | None = None) -> tuple[float, float]:
     """Wall seconds and peak RSS (GiB) of a command, run under a fresh wrapper process so that the peak
-    is that command's alone."""
+    is that command's alone; its stderr lines are added to ``stderr`` if given."""
     t0 = time.perf_counter()
-    done = subprocess.run([sys.executable, "-c", _WRAP, *map(str, argv)], capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-c", _WRAP, *map(str, argv)], capture_output=True, text=True, env=env)
     seconds = time.perf_counter() - t0
     if done.returncode:
         raise RuntimeError(f"{' '.join(map(str, argv))} failed: {done.stderr.strip()[-500:]}")
+    if stderr is not None:
+        stderr.extend(done.stderr.strip().splitlines()[:-1])
     return seconds, int(done.stderr.strip().splitlines()[-1]) / 2**20
+
+
+def _shell(repeats: int) -> None:
+    """The issue's command from the shell, as a user runs it: ``cyclereg register`` without ``--model`` on
+    fs02 -> fs01 (256³, 1 mm), warped image and ``.h5`` transform written, every core of this machine,
+    a fresh process each time (imports included). Records the median wall time and the peak memory."""
+    threads = str(os.cpu_count())
+    env = {**os.environ, "OMP_NUM_THREADS": threads, "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS": threads}
+    seconds, peaks, notes = [], [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for _ in range(repeats):
+            wall, peak = _run([sys.executable, "-m", "cyclereg", "register", "--fixed", BRAINS / "fs01_t1.nii.gz",
+                               "--moving", BRAINS / "fs02_t1.nii.gz", "--warped", Path(tmp) / "w.nii.gz",
+                               "--transform", Path(tmp) / "t.h5"], env=env, stderr=notes)
+            seconds.append(wall)
+            peaks.append(peak)
+            print(f"shell: {wall:.1f} s, {peak:.2f} GiB", flush=True)
+    default = "no network (no model ships)" if any("without a network" in n for n in notes) else "the shipped model"
+    body = (f"`cyclereg register --fixed fs01_t1.nii.gz --moving fs02_t1.nii.gz --warped w.nii.gz --transform t.h5` "
+            f"(256³, 1 mm; no --model: {default}), {threads} threads, a fresh process each time, imports included. "
+            f"Median of {repeats}: **{np.median(seconds):.1f} s** wall (all: {', '.join(f'{t:.1f}' for t in seconds)}), "
+            f"peak memory {max(peaks):.2f} GiB.")
+    print(body)
+    append_report("Real brains: one pair from the shell (benchmarks/real_brains.py --shell)", body)
 
 
 def _scores(fixed_aseg: sitk.Image, warped_aseg: sitk.Image, det: float | np.ndarray, labels) -> dict:
@@ -140,7 +167,11 @@ def main() -> None:
     p.add_argument("--io-steps", type=int, default=0, help="--model: also a row with this many --io-steps")
     p.add_argument("--io-field-steps", type=int, default=0, help="--model: also a row with this many --io-field-steps")
     p.add_argument("--io-field-downsample", type=int, default=0, help="--io-field-steps: with this --io-field-downsample")
+    p.add_argument("--shell", type=int, default=0, metavar="N", help="instead: time the issue's command on one pair "
+                   "from the shell N times, with every core (the default model, files in and out)")
     args = p.parse_args()
+    if args.shell:
+        return _shell(args.shell)
     labels = _labels()
     pairs = list(itertools.permutations(HELD_OUT, 2))[: args.pairs]
     try:
