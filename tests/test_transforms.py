@@ -155,3 +155,11 @@ def test_maps_on_their_own_grid_skip_interpolation_and_agree_with_it(shape):
     for phi in (inner, outer @ inner, Identity() @ inner):
         torch.testing.assert_close(map_on_grid(phi, shape, like), phi(grid), rtol=0, atol=1e-6)
     assert torch.equal(map_on_grid(inner, shape, like), grid + inner.field)
+
+
+def test_resize_is_sampling_at_the_identity_of_the_new_grid(dim):
+    from cyclereg.core.transforms import resize
+
+    values = torch.rand(2, 3, *([7, 9, 5][:dim]), dtype=torch.float64)
+    size = [13, 6, 9][:dim]
+    torch.testing.assert_close(resize(values, size), sample(values, identity_grid(size, dtype=torch.float64)))

@@ -12,8 +12,9 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from cyclereg.core.transforms import resize
 
 __all__ = ["UNet", "MLP", "EncDec", "ConvOnly", "VoxelMorphUNet", "NETWORKS", "build_network"]
 
@@ -25,10 +26,6 @@ def _zero_output(conv: nn.Module) -> nn.Module:
     nn.init.zeros_(conv.weight)
     nn.init.zeros_(conv.bias)
     return conv
-
-
-def _resize(x: torch.Tensor, size) -> torch.Tensor:
-    return F.interpolate(x, size=tuple(size), mode="bilinear" if x.ndim == 4 else "trilinear", align_corners=True)
 
 
 class _ConvNormAct(nn.Sequential):
@@ -72,8 +69,8 @@ class UNet(nn.Module):
             skips.append(block(skips[-1]))
         y = skips.pop()
         for block, skip in zip(reversed(self.up), reversed(skips[1:])):
-            y = block(torch.cat([_resize(y, skip.shape[2:]), skip], 1))
-        return self.out(torch.cat([_resize(y, x.shape[2:]), x], 1))
+            y = block(torch.cat([resize(y, skip.shape[2:]), skip], 1))
+        return self.out(torch.cat([resize(y, x.shape[2:]), x], 1))
 
 
 class MLP(nn.Module):
@@ -116,7 +113,7 @@ class EncDec(nn.Module):
             sizes.append(x.shape[2:])
             x = block(x)
         for block, size in zip(self.up, reversed(sizes)):
-            x = block(_resize(x, size))
+            x = block(resize(x, size))
         return self.out(x)
 
 
@@ -171,7 +168,7 @@ class VoxelMorphUNet(nn.Module):
         for i, block in enumerate(self.up):
             if i < self.levels:
                 skip = skips.pop()
-                y = torch.cat([_resize(y, skip.shape[2:]), skip], 1)
+                y = torch.cat([resize(y, skip.shape[2:]), skip], 1)
             y = block(y)
         return self.out(y)
 

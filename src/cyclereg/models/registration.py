@@ -9,13 +9,12 @@ from __future__ import annotations
 import contextlib
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from cyclereg.core.coords import voxel_scale
 from cyclereg.core.filters import gaussian_blur
-from cyclereg.core.transforms import DisplacementField, Transform, exp_velocity, warp
+from cyclereg.core.transforms import DisplacementField, Transform, exp_velocity, resize, warp
 from cyclereg.models.networks import build_network
 
 __all__ = ["downsample", "Step", "cascade", "RegistrationModel", "Passes", "CycleMorph", "forward_model", "split_steps",
@@ -29,7 +28,7 @@ def downsample(images: torch.Tensor, factor: int) -> torch.Tensor:
         return images
     size = [(n - 1) // factor + 1 for n in images.shape[2:]]
     smooth = gaussian_blur(images, 0.5 * factor)
-    return F.interpolate(smooth, size=size, mode="bilinear" if images.ndim == 4 else "trilinear", align_corners=True)
+    return resize(smooth, size)
 
 
 class Step(nn.Module):

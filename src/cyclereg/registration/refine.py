@@ -23,7 +23,7 @@ import torch
 
 from cyclereg.core.coords import identity_grid, voxel_scale
 from cyclereg.losses import diffusion, lncc_box
-from cyclereg.core.transforms import DisplacementField, Transform, sample
+from cyclereg.core.transforms import DisplacementField, Transform, resize, sample
 from cyclereg.registration.tuning import InstanceOptimisation
 
 __all__ = ["refine_map", "refine_as"]
@@ -47,14 +47,14 @@ def refine_map(phi: Transform, moving: torch.Tensor, fixed: torch.Tensor, steps:
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(steps, 1))
     with torch.enable_grad():
         for _ in range(steps):
-            r = sample(residual, x) / scale
+            r = resize(residual, shape) / scale
             loss = (lncc_box(sample(moving, mapped + r), fixed, WINDOW) + weight * diffusion(r)).sum()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             schedule.step()
     with torch.no_grad():
-        return DisplacementField(base + sample(residual, x) / scale)
+        return DisplacementField(base + resize(residual, shape) / scale)
 
 
 def refine_as(tuning: InstanceOptimisation, phi: Transform, moving: torch.Tensor, fixed: torch.Tensor) -> Transform:
