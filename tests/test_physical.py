@@ -200,3 +200,17 @@ def test_identity_grid_of_fixed_maps_into_model_domain_exactly_without_spacing()
     grid = model_grid(fixed, Preprocessing())
     x = Geometry.of(fixed).to_physical(identity_grid((10, 12), dtype=torch.float64))
     np.testing.assert_allclose(grid.from_physical(x).numpy(), identity_grid((10, 12), dtype=torch.float64).numpy(), atol=1e-12)
+
+
+def test_a_coarser_model_grid_is_smoothed_along_the_axes_it_coarsens_only():
+    """Stripes of period 3 voxels along x alias into a pattern on a grid 4 times coarser in x unless smoothed
+    first; stripes of period 4 along y, an axis the grid keeps, stay."""
+    from cyclereg.io.preprocess import Preprocessing, model_grid, prepare
+
+    y, x = np.mgrid[0:64, 0:64]
+    image = sitk.GetImageFromArray(((x % 3 == 0) + 2 * ((y // 2) % 2)).astype(np.float32))
+    prep = Preprocessing(intensity="none", spacing=(4.0, 1.0))
+    out = prepare(image, model_grid(image, prep), prep)[0, 0].numpy()[4:-4, 2:-2]
+    along_x = out - out.mean(axis=1, keepdims=True)  # what is left of the x stripes
+    assert np.abs(along_x).max() < 0.05
+    assert np.ptp(out.mean(axis=1)) > 1.5  # the y stripes (0 or 2, plus the x stripes' mean 1/3)
