@@ -47,6 +47,14 @@ def test_jacobian_matrix_entry_i_k_is_d_phi_i_d_x_k(dim, shape):
                                torch.full(jac.shape[:-2], float(torch.linalg.det(a)), dtype=torch.float64))
 
 
+def test_jacobian_determinant_is_the_determinant_of_the_jacobian_matrix(dim, shape):
+    """For a random non-affine map (some cells folded, a batch of two), cell by cell."""
+    points = identity_grid(shape, dtype=torch.float64) + 0.1 * torch.randn(2, dim, *shape, dtype=torch.float64)
+    det = jacobian_determinant(points)
+    torch.testing.assert_close(det, torch.linalg.det(jacobian_matrix(points)))
+    assert bool((det < 0).any()) and bool((det > 0).any())
+
+
 def test_count_folds_of_a_swap_of_two_neighbouring_pixels(dim, shape):
     points = identity_grid(shape, dtype=torch.float64).clone().expand(2, -1, *shape).clone()
     assert count_folds(points).tolist() == [0, 0]

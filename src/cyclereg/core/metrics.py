@@ -40,12 +40,16 @@ def jacobian_matrix(points: torch.Tensor) -> torch.Tensor:
 
 
 def jacobian_determinant(points: torch.Tensor) -> torch.Tensor:
-    """Determinant of :func:`jacobian_matrix`: ``(N, *(shape - 1))``; 1 for the identity."""
-    jac = jacobian_matrix(points)
-    if jac.shape[-1] == 2:
-        return jac[..., 0, 0] * jac[..., 1, 1] - jac[..., 0, 1] * jac[..., 1, 0]
-    (a, b, c), (d, e, f), (g, h, i) = [[jac[..., r, k] for k in range(3)] for r in range(3)]
-    return a * (e * i - f * h) - b * (d * i - f * g) + c * (d * h - e * g)  # cofactors: much faster than linalg.det
+    """Determinant of :func:`jacobian_matrix`: ``(N, *(shape - 1))``; 1 for the identity. Computed by
+    cofactors straight from the differences along each axis (entry ``[i, k]`` is component ``i`` of the
+    difference along axis ``k``), without building the matrices: much faster than ``linalg.det``."""
+    vox = points * voxel_scale(points.shape[2:], points.device, points.dtype)
+    diffs = forward_differences(vox, cropped=True)
+    j = [[diffs[k][:, i] for k in range(len(diffs))] for i in range(len(diffs))]
+    if len(diffs) == 2:
+        return j[0][0] * j[1][1] - j[0][1] * j[1][0]
+    (a, b, c), (d, e, f), (g, h, i) = j
+    return a * (e * i - f * h) - b * (d * i - f * g) + c * (d * h - e * g)
 
 
 def folded(det: torch.Tensor) -> torch.Tensor:
