@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from cyclereg.core.coords import identity_grid, voxel_scale
+from cyclereg.core.optim import cosine_adam
 from cyclereg.losses import diffusion, lncc_box
 from cyclereg.core.transforms import DisplacementField, Transform, resize, sample
 from cyclereg.registration.tuning import InstanceOptimisation
@@ -43,16 +44,12 @@ def refine_map(phi: Transform, moving: torch.Tensor, fixed: torch.Tensor, steps:
         mapped = x + base  # Φ on the grid, fixed while R is optimised
     coarse = tuple(max(2, (n - 1) // downsample + 1) for n in shape)
     residual = torch.zeros(fixed.shape[0], len(shape), *coarse, device=fixed.device, requires_grad=True)
-    optimizer = torch.optim.Adam([residual], lr=lr)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(steps, 1))
-    with torch.enable_grad():
-        for _ in range(steps):
-            r = resize(residual, shape) / scale
-            loss = (lncc_box(sample(moving, mapped + r), fixed, WINDOW) + weight * diffusion(r)).sum()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
+
+    def loss():
+        r = resize(residual, shape) / scale
+        return (lncc_box(sample(moving, mapped + r), fixed, WINDOW) + weight * diffusion(r)).sum()
+
+    cosine_adam([(residual, lr)], loss, steps)
     with torch.no_grad():
         return DisplacementField(base + resize(residual, shape) / scale)
 
