@@ -85,6 +85,9 @@ def _shell(repeats: int) -> None:
             f"Median of {repeats}: **{np.median(seconds):.1f} s** wall (all: {', '.join(f'{t:.1f}' for t in seconds)}), "
             f"peak memory {max(peaks):.2f} GiB.")
     print(body)
+    import torch
+
+    torch.set_num_threads(int(threads))  # the report's header names the threads the command ran with
     append_report("Real brains: one pair from the shell (benchmarks/real_brains.py --shell)", body)
 
 
