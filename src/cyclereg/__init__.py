@@ -33,11 +33,10 @@ class Model(NamedTuple):
 
 def load_model(path, device=None) -> Model:
     """Load a model file (safetensors, no code runs) onto ``device`` (default: CUDA if available)."""
-    import torch
-
+    from cyclereg.core.distributed import default_device
     from cyclereg.models.modelfile import load_model as read
 
-    return Model(*read(path, device or ("cuda" if torch.cuda.is_available() else "cpu")))
+    return Model(*read(path, device or default_device()))
 
 
 def _as_model(model) -> Model:
@@ -53,13 +52,18 @@ def _as_model(model) -> Model:
     return model if isinstance(model, Model) else load_model(model)
 
 
-def _device(network):
-    """The device of ``network``, or without one CUDA if available."""
-    import torch
+def _runner(model, passes: int, options: dict):
+    """``(network run passes times, info, tuning, device)`` for a model argument and the options of
+    :func:`register` and :func:`evaluate`, checked; the network is None without one."""
+    from cyclereg.core.errors import UsageError
+    from cyclereg.models.registration import Passes
+    from cyclereg.registration.register import device_for
 
-    if network is not None:
-        return next(network.parameters()).device
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    network, info = _as_model(model)
+    tuning = _tuning(options, network)
+    if passes < 1 or (network is None and passes > 1):
+        raise UsageError(f"passes: expected at least 1 (1 without a network), got {passes}")
+    return Passes(network, passes) if passes > 1 else network, info, tuning, device_for(network)
 
 
 def _tuning(options: dict, network):
@@ -157,18 +161,11 @@ def register(fixed, moving, model=None, *, moving_labels=None, passes: int = 1, 
     transform file or a SimpleITK transform (the CLI's ``--affine``). ``passes`` and the ``io_*`` options
     are the CLI's ``--passes`` and ``--io-*`` (``io_steps=50``: instance optimisation of the weights;
     ``io_field_steps``: of the map)."""
-    from cyclereg.core.errors import UsageError
-    from cyclereg.models.registration import Passes
     from cyclereg.registration.register import align, read_pair, register_pair
 
-    network, info = _as_model(model)
-    tuning = _tuning(options, network)
-    if passes < 1 or (network is None and passes > 1):
-        raise UsageError(f"passes: expected at least 1 (1 without a network), got {passes}")
-    device = _device(network)
+    runner, info, tuning, device = _runner(model, passes, options)
     pair = read_pair(fixed, moving, moving_labels, dim=info.dim if info else None, names=("fixed", "moving", "moving_labels"))
     pair = align(pair, affine, affine_similarity, device, option="affine")
-    runner = Passes(network, passes) if passes > 1 else network
     return Registration(register_pair(runner, info, pair, tuning, device), device)
 
 
@@ -178,22 +175,16 @@ def evaluate(model, pairs_csv=None, *, labels=None, per_pair=None, dataset=None,
     """Score ``model`` on the pairs of ``pairs_csv`` (files in physical space; ``labels``: a list of labels
     scored; each pair after the affine stage, ``affine``: ``"auto"`` or ``"none"``), or on ``pairs`` seeded pairs of a dataset (``dataset``: ``"mnist"`` or ``"triangles"``,
     default the model's). Returns the summary of ``docs/metrics.md``."""
-    from cyclereg.models.registration import Passes
-
     from cyclereg.core.distributed import Context
     from cyclereg.core.errors import UsageError
 
-    network, info = _as_model(model)
-    tuning = _tuning(options, network)
-    if passes < 1 or (network is None and passes > 1):
-        raise UsageError(f"passes: expected at least 1 (1 without a network), got {passes}")
-    runner = Passes(network, passes) if passes > 1 else network
+    runner, info, tuning, device = _runner(model, passes, options)
     if pairs_csv is not None:
         from cyclereg.evaluation.files import evaluate_csv
 
-        return evaluate_csv(runner, info, pairs_csv, tuning, labels, per_pair, progress=False, ctx=Context(device=_device(network)),
+        return evaluate_csv(runner, info, pairs_csv, tuning, labels, per_pair, progress=False, ctx=Context(device=device),
                             affine=affine, affine_similarity=affine_similarity)
-    if network is None:
+    if runner is None:
         raise UsageError("model 'none' registers image files: give pairs_csv (a dataset scores a model on its kind of data)")
     from cyclereg.evaluation.datasets import evaluate_dataset
 

@@ -75,8 +75,9 @@ def load(args, device=None):
 
     device = device or device_of(args.device)
     if args.model is None:
-        if default_model() is not None:
-            args.model = str(default_model())
+        shipped = default_model()
+        if shipped is not None:
+            args.model = str(shipped)
         else:
             print(f"cyclereg: no --model given and no default model ships with this cyclereg; registering without "
                   f"a network (--model {NO_NETWORK}: the affine stage, then the map optimised on this pair)", file=sys.stderr)
@@ -141,8 +142,10 @@ def patchwise(args, model, info):
 def device_of(name):
     import torch
 
+    from cyclereg.core.distributed import default_device
+
     if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return default_device()
     try:
         return torch.device(name)
     except RuntimeError:

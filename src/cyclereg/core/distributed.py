@@ -72,13 +72,18 @@ class Context:
             dist.barrier()
 
 
+def default_device() -> torch.device:
+    """CUDA where there is a GPU, else the CPU: the device when none is named."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def environment(device: torch.device | None) -> Context:
     """This process's rank, number of processes and device as ``torchrun`` describes them in the
     environment (one process on ``device`` without it), without joining a process group.
     ``device``: the user's choice (``cuda`` means this rank's GPU ``LOCAL_RANK``)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
-        return Context(device=device or torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+        return Context(device=device or default_device())
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = (device.type == "cuda") if device is not None else torch.cuda.is_available()
     if not use_cuda:

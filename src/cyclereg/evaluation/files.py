@@ -30,7 +30,7 @@ from cyclereg.core.label_metrics import folded_percent, hd95, label_volumes, log
 from cyclereg.core.metrics import dice_labels, dice_threshold, folded
 from cyclereg.io.preprocess import model_grid, prepare
 from cyclereg.registration import networkfree
-from cyclereg.registration.register import align, map_physical, on_fixed_grid, read_pair, register_pair, sample_like_itk, warp_physical
+from cyclereg.registration.register import align, device_for, map_physical, on_fixed_grid, read_pair, register_pair, sample_like_itk, warp_physical
 from cyclereg.registration.tuning import NO_IO, InstanceOptimisation
 
 __all__ = ["parse_labels", "evaluate_csv"]
@@ -52,7 +52,7 @@ def parse_labels(text: str | None) -> list[int] | None:
 
 def _score_pair(model, info, row: dict, labels, tuning: InstanceOptimisation, affine, affine_similarity, device) -> dict:
     """One pair scored by ``model`` (None: without a network, on ``device``)."""
-    device = next(model.parameters()).device if model is not None else device
+    device = device_for(model, device)
     pair = read_pair(row["fixed"], row["moving"], row.get("moving_labels") or None, dim=info.dim if info else None,
                      names=("fixed", "moving", "moving_labels"))
     t0 = time.perf_counter()

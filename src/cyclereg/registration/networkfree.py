@@ -4,7 +4,7 @@ is optimised on the one pair alone, from the identity, by the field refinement o
 
 This is what ``register`` does when no ``--model`` is given and no default model ships. The grid is
 isotropic, at most :data:`GRID_VOXELS` voxels (64³ in 3D, 512² in 2D), and never finer than the fixed
-image: a 1 mm 256³ brain is optimised on a 4 mm grid. The defaults of :data:`TUNING` were chosen on
+image: a 1 mm 256³ brain is optimised on a 4 mm grid. The defaults (:data:`~cyclereg.registration.tuning.NETWORK_FREE`) were chosen on
 held-out pairs of different people's T1 brain scans (``benchmarks/real_brains.py``): on fs02 → fs01,
 Dice 0.682 after the affine stage, 0.777 after 50 steps on the 4 mm grid with the residual on an 8 mm grid.
 """
@@ -18,14 +18,13 @@ import torch
 
 from cyclereg.core.transforms import Identity, Transform
 from cyclereg.io.preprocess import Preprocessing
-from cyclereg.registration.refine import refine_map
-from cyclereg.registration.tuning import NETWORK_FREE, InstanceOptimisation, check_networkfree
+from cyclereg.registration.refine import refine_as
+from cyclereg.registration.tuning import InstanceOptimisation, check_networkfree
 
-__all__ = ["NO_NETWORK", "GRID_VOXELS", "TUNING", "preprocessing", "optimised_map"]
+__all__ = ["NO_NETWORK", "GRID_VOXELS", "preprocessing", "optimised_map"]
 
 NO_NETWORK = "none"  # the --model value (and the Python API's model=) that registers without a network
 GRID_VOXELS = 64 ** 3  # the optimisation grid's most voxels
-TUNING = NETWORK_FREE  # the default settings (kept in the light module the command line reads)
 
 
 def preprocessing(fixed: sitk.Image) -> Preprocessing:
@@ -39,6 +38,4 @@ def preprocessing(fixed: sitk.Image) -> Preprocessing:
 
 def optimised_map(moving: torch.Tensor, fixed: torch.Tensor, tuning: InstanceOptimisation) -> Transform:
     """The map for prepared inputs ``(1, 1, *spatial)``: the identity refined as ``tuning`` says."""
-    check_networkfree(tuning)
-    return refine_map(Identity(), moving, fixed, tuning.field_steps, tuning.field_lr, tuning.field_weight,
-                      tuning.field_downsample)
+    return refine_as(check_networkfree(tuning), Identity(), moving, fixed)

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from cyclereg.core.coords import identity_grid
+from cyclereg.core.distributed import default_device
 from cyclereg.core.errors import DataError, UsageError
 from cyclereg.core.atomic import all_or_nothing
 from cyclereg.io.images import Geometry, image_to_tensor, read_image, save_image, write_image
@@ -40,7 +41,7 @@ from cyclereg.registration import networkfree
 from cyclereg.registration.instance import register_tensors
 from cyclereg.registration.tuning import NO_IO, InstanceOptimisation
 
-__all__ = ["Pair", "read_pair", "align", "warp_physical", "Registration", "model_inputs", "register_pair", "map_physical", "on_fixed_grid", "sample_like_itk", "warp_image", "write_outputs",
+__all__ = ["Pair", "read_pair", "align", "warp_physical", "Registration", "model_inputs", "device_for", "register_pair", "map_physical", "on_fixed_grid", "sample_like_itk", "warp_image", "write_outputs",
            "register_files", "warp_file"]
 
 
@@ -165,6 +166,14 @@ class Registration:
     grid: Geometry
     phi: Transform
     reverse: Callable[[], Transform] | None = None
+
+
+def device_for(model, device=None) -> torch.device:
+    """Where a registration runs: the model's device, or without a network ``device`` (default: CUDA if
+    there is a GPU)."""
+    if model is not None:
+        return next(model.parameters()).device
+    return device if device is not None else default_device()
 
 
 def register_pair(model, info, pair: Pair, tuning: InstanceOptimisation = NO_IO, device=None) -> Registration:
@@ -340,7 +349,7 @@ def register_files(model, info, fixed, moving, warped=None, transform=None, jaco
     image's space. Returns a summary (folds, Jacobian range, the affine stage)."""
     if (moving_labels is None) != (warped_labels is None):
         raise UsageError("--moving-labels and --warped-labels go together")
-    device = next(model.parameters()).device if model is not None else device
+    device = device_for(model, device)
     pair = align(read_pair(fixed, moving, moving_labels, dim=info.dim if info else None), affine, affine_similarity, device)
     reg = register_pair(model, info, pair, tuning, device)
     return write_outputs(reg, device, warped=warped, transform=transform, jacobian=jacobian,
