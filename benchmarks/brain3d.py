@@ -39,7 +39,8 @@ from cyclereg.models.registration import Passes
 from cyclereg.core.metrics import dice_labels, jacobian_determinant  # noqa: E402
 from cyclereg.models.modelfile import load_model  # noqa: E402
 from cyclereg.io.preprocess import Preprocessing, model_grid, prepare, resample  # noqa: E402
-from cyclereg.registration.register import Pair, on_fixed_grid, register_pair, sample_like_itk  # noqa: E402
+from cyclereg.registration.fixed_grid import on_fixed_grid  # noqa: E402
+from cyclereg.registration.register import Pair, register_pair, sample_like_itk  # noqa: E402
 from cyclereg.core.transforms import warp  # noqa: E402
 from cyclereg.registration.tuning import NO_IO, InstanceOptimisation  # noqa: E402
 

@@ -40,7 +40,8 @@ from cyclereg.core.config import load_config  # noqa: E402
 from cyclereg.data.datasets import training_data  # noqa: E402
 from cyclereg.models.registration import Passes
 from cyclereg.models.modelfile import load_model  # noqa: E402
-from cyclereg.registration.register import Pair, Registration, model_inputs, on_fixed_grid  # noqa: E402
+from cyclereg.registration.fixed_grid import on_fixed_grid  # noqa: E402
+from cyclereg.registration.register import Pair, Registration, model_inputs  # noqa: E402
 from cyclereg.core.transforms import DisplacementField  # noqa: E402
 
 CONFIG = ROOT / "configs" / "brain3d.toml"

@@ -19,7 +19,8 @@ from cyclereg.core.transforms import DisplacementField
 from cyclereg.io.images import Geometry
 from cyclereg.io.preprocess import Preprocessing
 from cyclereg.io.transforms import affine_parts, affine_transform, read_affine
-from cyclereg.registration.register import (Pair, Registration, align, model_inputs, on_fixed_grid, warp_file,
+from cyclereg.registration.fixed_grid import on_fixed_grid
+from cyclereg.registration.register import (Pair, Registration, align, model_inputs, warp_file,
                                             write_outputs)
 
 from test_affine import _moved, _phantom, _rotation

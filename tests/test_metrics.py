@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from cyclereg.core.coords import identity_grid, voxel_scale
-from cyclereg.core.metrics import count_folds, dice_labels, dice_threshold, ic_error, jacobian_determinant, jacobian_matrix
+from cyclereg.core.metrics import (count_folds, dice_labels, dice_threshold, displacement_determinant, ic_error,
+                                   jacobian_determinant, jacobian_matrix)
 from cyclereg.core.transforms import DisplacementField, Identity
 
 from conftest import translation
@@ -52,6 +53,14 @@ def test_jacobian_determinant_is_the_determinant_of_the_jacobian_matrix(dim, sha
     points = identity_grid(shape, dtype=torch.float64) + 0.1 * torch.randn(2, dim, *shape, dtype=torch.float64)
     det = jacobian_determinant(points)
     torch.testing.assert_close(det, torch.linalg.det(jacobian_matrix(points)))
+    assert bool((det < 0).any()) and bool((det > 0).any())
+
+
+def test_displacement_determinant_is_the_determinant_of_the_map_it_displaces(dim, shape):
+    """From the displacement alone, the same determinants as from the points ``x + D`` (folds included)."""
+    displacement = 0.1 * torch.randn(2, dim, *shape, dtype=torch.float64)
+    det = displacement_determinant(displacement)
+    torch.testing.assert_close(det, jacobian_determinant(identity_grid(shape, dtype=torch.float64) + displacement))
     assert bool((det < 0).any()) and bool((det > 0).any())
 
 

@@ -13,8 +13,9 @@ from cyclereg.core.coords import identity_grid
 from cyclereg.core.errors import DataError
 from cyclereg.io.images import Geometry, read_image
 from cyclereg.io.preprocess import Preprocessing, model_grid, prepare
-from cyclereg.registration.register import Pair, Registration, model_inputs, on_fixed_grid, warp_file, write_outputs
-from cyclereg.core.transforms import DisplacementField
+from cyclereg.registration.fixed_grid import on_fixed_grid
+from cyclereg.registration.register import Pair, Registration, model_inputs, warp_file, write_outputs
+from cyclereg.core.transforms import DisplacementField, sample_axes
 
 
 def _oblique(dim, angle=0.4):
@@ -158,6 +159,28 @@ def _smooth_registration(pair, prep, amplitude=0.03, seed=0):
     mode = "bilinear" if len(shape) == 2 else "trilinear"
     field = torch.nn.functional.interpolate(coarse, size=shape, mode=mode, align_corners=True)
     return Registration(pair, grid, DisplacementField(field))
+
+
+def test_a_field_on_the_model_grid_interpolated_axis_by_axis_is_the_map_called_at_every_voxel(dim, monkeypatch):
+    """The fast path of on_fixed_grid (a field on a model grid with the fixed image's axes, an affine
+    stage) against calling the same map at every voxel: the same points, displacements and Jacobians."""
+    import cyclereg.registration.fixed_grid as fixed_grid
+    from cyclereg.core.transforms import Composed, Identity
+    from cyclereg.io.transforms import affine_transform
+
+    fixed = blob((16, 14, 12)[:dim], (1.5, 0.8, 2.0)[:dim], (3.0, -4.0, 7.0)[:dim], _oblique(dim))
+    moving = blob((15, 15, 13)[:dim], (1.3, 1.1, 1.9)[:dim], (1.0, -6.0, 5.0)[:dim], _oblique(dim, 0.25), seed=3)
+    linear = np.eye(dim) + 0.05 * np.random.default_rng(1).standard_normal((dim, dim))
+    pair = Pair(fixed, moving, affine=affine_transform(linear, np.full(dim, 1.5)))
+    reg = _smooth_registration(pair, Preprocessing(spacing=(2.1,) * dim), amplitude=0.05)
+    calls = []
+    monkeypatch.setattr(fixed_grid, "sample_axes", lambda *a: calls.append(1) or sample_axes(*a))
+    fast = on_fixed_grid(reg)
+    slow = on_fixed_grid(Registration(pair, reg.grid, Composed(reg.phi, Identity())))
+    assert len(calls) == 1  # the first took the fast path, the second did not
+    for name in ("moving_domain", "aligned_displacement", "moving_physical", "aligned_physical", "displacement", "det"):
+        torch.testing.assert_close(getattr(fast, name), getattr(slow, name), atol=1e-4, rtol=1e-4, msg=name)
+    assert float(fast.det.std()) > 0.01  # a map with something to compare
 
 
 def test_simpleitk_applies_the_written_transform_like_cyclereg(tmp_path, dim):

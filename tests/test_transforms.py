@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from cyclereg.core.coords import identity_grid
-from cyclereg.core.transforms import Composed, DisplacementField, Identity, map_on_grid, sample, warp
+from cyclereg.core.transforms import Composed, DisplacementField, Identity, map_on_grid, sample, sample_axes, warp
 
 from conftest import rand_points, smooth_field, smooth_image, translation
 
@@ -163,3 +163,11 @@ def test_resize_is_sampling_at_the_identity_of_the_new_grid(dim):
     values = torch.rand(2, 3, *([7, 9, 5][:dim]), dtype=torch.float64)
     size = [13, 6, 9][:dim]
     torch.testing.assert_close(resize(values, size), sample(values, identity_grid(size, dtype=torch.float64)))
+
+
+def test_sampling_axis_by_axis_equals_sampling_at_the_grid_they_span(dim, shape):
+    """Fine and coarse axes, points outside the domain (the border value), a single-node axis."""
+    values = torch.randn(2, 3, *shape[:-1], 1)
+    axes = [torch.rand(n) * 1.4 - 0.2 for n in (13, 5, 4)[:dim]]
+    points = torch.stack(torch.meshgrid(*axes, indexing="ij"))[None]
+    torch.testing.assert_close(sample_axes(values, axes), sample(values, points), atol=1e-5, rtol=0)

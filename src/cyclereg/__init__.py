@@ -86,7 +86,7 @@ class Registration:
     the fixed image. Built by :func:`register`."""
 
     def __init__(self, reg, device):
-        from cyclereg.registration.register import on_fixed_grid
+        from cyclereg.registration.fixed_grid import on_fixed_grid
 
         self._reg, self._device = reg, device
         self._grid = on_fixed_grid(reg, device)

@@ -11,7 +11,7 @@ import torch
 from cyclereg.core.coords import identity_grid, voxel_scale
 from cyclereg.core.transforms import Transform
 
-__all__ = ["forward_differences", "jacobian_matrix", "jacobian_determinant", "folded", "count_folds", "dice_threshold", "dice_labels", "ic_error"]
+__all__ = ["forward_differences", "jacobian_matrix", "jacobian_determinant", "displacement_determinant", "folded", "count_folds", "dice_threshold", "dice_labels", "ic_error"]
 
 
 def forward_differences(values: torch.Tensor, cropped: bool = False) -> list[torch.Tensor]:
@@ -43,10 +43,41 @@ def jacobian_determinant(points: torch.Tensor) -> torch.Tensor:
     """Determinant of :func:`jacobian_matrix`: ``(N, *(shape - 1))``; 1 for the identity. Computed by
     cofactors straight from the differences along each axis (entry ``[i, k]`` is component ``i`` of the
     difference along axis ``k``), without building the matrices: much faster than ``linalg.det``."""
-    vox = points * voxel_scale(points.shape[2:], points.device, points.dtype)
+    return _by_slabs(points, identity=False)
+
+
+def displacement_determinant(displacement: torch.Tensor) -> torch.Tensor:
+    """:func:`jacobian_determinant` of the map ``x + displacement`` on its grid (``(N, d, *shape)``, domain
+    units), from the displacement's differences plus the identity's: no grid of points, and no
+    difference of two nearly equal coordinates."""
+    return _by_slabs(displacement, identity=True)
+
+
+SLAB = 8  # cells along the first axis computed at a time: a 256² slab of them stays in the CPU's caches
+
+
+def _by_slabs(values: torch.Tensor, identity: bool) -> torch.Tensor:
+    """The determinants of the cells, ``SLAB`` layers of them along the first axis at a time (several times
+    faster on a 256³ grid than on the whole, and a fraction of the memory)."""
+    scale = voxel_scale(values.shape[2:], values.device, values.dtype)
+    n = values.shape[2]
+    slabs = [_determinant(_differences(values[:, :, s:min(s + SLAB, n - 1) + 1] * scale, identity))
+             for s in range(0, max(n - 1, 1), SLAB)]
+    return torch.cat(slabs, 1)
+
+
+def _differences(vox: torch.Tensor, identity: bool) -> list[list[torch.Tensor]]:
+    """Entry ``[i][k]``: component ``i`` of the forward difference along axis ``k``, cropped (plus 1 on the
+    diagonal for a displacement)."""
     diffs = forward_differences(vox, cropped=True)
     j = [[diffs[k][:, i] for k in range(len(diffs))] for i in range(len(diffs))]
-    if len(diffs) == 2:
+    for i in range(len(j) if identity else 0):
+        j[i][i] = j[i][i] + 1
+    return j
+
+
+def _determinant(j: list[list[torch.Tensor]]) -> torch.Tensor:
+    if len(j) == 2:
         return j[0][0] * j[1][1] - j[0][1] * j[1][0]
     (a, b, c), (d, e, f), (g, h, i) = j
     return a * (e * i - f * h) - b * (d * i - f * g) + c * (d * h - e * g)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from cyclereg.core.coords import identity_grid, to_grid_sample
 
-__all__ = ["sample", "resize", "Transform", "Identity", "DisplacementField", "Composed", "warp", "map_on_grid", "exp_velocity"]
+__all__ = ["sample", "sample_axes", "resize", "Transform", "Identity", "DisplacementField", "Composed", "warp", "map_on_grid", "exp_velocity"]
 
 
 def sample(values: torch.Tensor, points: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
@@ -25,6 +25,33 @@ def sample(values: torch.Tensor, points: torch.Tensor, mode: str = "bilinear") -
     if points.shape[0] != values.shape[0]:
         points = points.expand(values.shape[0], *points.shape[1:])
     return F.grid_sample(values, to_grid_sample(points), mode=mode, padding_mode="border", align_corners=True)
+
+
+def sample_axes(values: torch.Tensor, axes) -> torch.Tensor:
+    """``values (N, C, *shape)`` linearly interpolated at the grid spanned by ``axes``, one 1-D tensor of
+    domain coordinates per spatial axis: :func:`sample` at ``meshgrid(*axes)`` (border value outside),
+    computed as one small interpolation matrix per axis, applied by matrix products, without a grid of
+    points. On a fine grid (a 256³ image's voxels from a 64³ field) it takes a fraction of ``sample``'s
+    time and memory."""
+    letters = "xyz"[:values.ndim - 2]
+    for k, u in enumerate(axes):
+        weights = _interpolation_matrix(u.to(values.device, values.dtype), values.shape[2 + k])
+        out = letters[:k] + "o" + letters[k + 1:]
+        values = torch.einsum(f"o{letters[k]},nc{letters}->nc{out}", weights, values)
+    return values
+
+
+def _interpolation_matrix(u: torch.Tensor, n: int) -> torch.Tensor:
+    """``(len(u), n)``: row ``i`` holds the linear-interpolation weights of domain coordinate ``u[i]`` on
+    ``n`` nodes, ``u`` clamped to the domain (grid_sample's border padding, ``align_corners=True``)."""
+    pos = (u * (n - 1)).clamp(0, n - 1)
+    lo = pos.floor().clamp(max=max(n - 2, 0)).long()
+    frac = pos - lo
+    rows = torch.arange(len(u), device=u.device)
+    weights = torch.zeros(len(u), n, device=u.device, dtype=u.dtype)
+    weights.index_put_((rows, lo), 1 - frac, accumulate=True)
+    weights.index_put_((rows, (lo + 1).clamp(max=n - 1)), frac, accumulate=True)
+    return weights
 
 
 def resize(values: torch.Tensor, size) -> torch.Tensor:

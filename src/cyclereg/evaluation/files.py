@@ -30,7 +30,8 @@ from cyclereg.core.label_metrics import folded_percent, hd95, label_volumes, log
 from cyclereg.core.metrics import dice_labels, dice_threshold, folded
 from cyclereg.io.preprocess import model_grid, prepare
 from cyclereg.registration import networkfree
-from cyclereg.registration.register import align, device_for, map_physical, on_fixed_grid, read_pair, register_pair, sample_like_itk, warp_physical
+from cyclereg.registration.fixed_grid import on_fixed_grid
+from cyclereg.registration.register import align, device_for, map_physical, read_pair, register_pair, sample_like_itk, warp_physical
 from cyclereg.registration.tuning import NO_IO, InstanceOptimisation
 
 __all__ = ["parse_labels", "evaluate_csv"]

@@ -235,16 +235,21 @@ class Geometry:
         inverse = np.linalg.inv(a)
         return _apply_affine(inverse, -inverse @ o, points)
 
+    def affine_to(self, other: "Geometry | None") -> tuple[np.ndarray, np.ndarray]:
+        """``(A, o)`` (float64) taking this image's domain points ``u`` to ``A @ u + o``, domain points of
+        ``other`` (or physical points when ``other`` is None)."""
+        a, o = self.affine()
+        if other is None:
+            return a, o
+        b, q = other.affine()
+        b_inv = np.linalg.inv(b)
+        return b_inv @ a, b_inv @ (o - q)
+
     def points_to(self, points: torch.Tensor, other: "Geometry | None") -> torch.Tensor:
         """Domain points of this image ``(N, d, *S)`` as domain points of ``other`` (or physical
         points when ``other`` is None), as one affine map composed in float64 and applied in the
         points' own precision (float32 is exact to about 1e-5 mm over a 200 mm scan)."""
-        a, o = self.affine()
-        if other is not None:
-            b, q = other.affine()
-            b_inv = np.linalg.inv(b)
-            a, o = b_inv @ a, b_inv @ (o - q)
-        return _apply_affine(a, o, points)
+        return _apply_affine(*self.affine_to(other), points)
 
     def inside(self, points: torch.Tensor) -> torch.Tensor:
         """Where domain points fall inside the image as ITK's interpolators see it: continuous index

@@ -24,7 +24,6 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 import torch
-import torch.nn.functional as F
 
 from cyclereg.core.coords import identity_grid
 from cyclereg.core.distributed import default_device
@@ -34,14 +33,15 @@ from cyclereg.io.images import Geometry, image_to_tensor, read_image, save_image
 from cyclereg.io.transforms import (affine_parts, affine_transform, displacement_transform, is_transform_file, read_affine,
                                     read_transform, write_displacement, write_transform)
 from cyclereg.core.label_metrics import folded_percent
-from cyclereg.core.metrics import folded, jacobian_determinant
+from cyclereg.core.metrics import folded
 from cyclereg.io.preprocess import Preprocessing, model_grid, prepare
 from cyclereg.core.transforms import Transform, sample
 from cyclereg.registration import networkfree
+from cyclereg.registration.fixed_grid import OnFixedGrid, on_fixed_grid
 from cyclereg.registration.instance import register_tensors
 from cyclereg.registration.tuning import NO_IO, InstanceOptimisation
 
-__all__ = ["Pair", "read_pair", "align", "warp_physical", "Registration", "model_inputs", "device_for", "register_pair", "map_physical", "on_fixed_grid", "sample_like_itk", "warp_image", "write_outputs",
+__all__ = ["Pair", "read_pair", "align", "warp_physical", "Registration", "model_inputs", "device_for", "register_pair", "map_physical", "sample_like_itk", "warp_image", "write_outputs",
            "register_files", "warp_file"]
 
 
@@ -190,26 +190,6 @@ def register_pair(model, info, pair: Pair, tuning: InstanceOptimisation = NO_IO,
                         reverse=lambda: register_tensors(model, info, f, m, tuning))
 
 
-@dataclass
-class OnFixedGrid:
-    """A registration evaluated at the fixed image's voxels (tensors ``(1, d, *fixed shape)``)."""
-
-    fixed_physical: torch.Tensor  # x: the voxels' physical points
-    aligned_physical: torch.Tensor  # Φ(x): in the fixed image's frame, before the affine transform
-    moving_physical: torch.Tensor  # y = T(Φ(x)): the moving image's physical points they map to
-    moving_domain: torch.Tensor  # y in the moving image's [0, 1] domain
-    det: torch.Tensor  # (1, *(shape - 1)) Jacobian determinant of x -> y (physical volume change)
-
-    @property
-    def displacement(self) -> torch.Tensor:
-        """The whole map's displacement ``y - x``, the affine transform folded in."""
-        return self.moving_physical - self.fixed_physical
-
-    def det_per_voxel(self) -> torch.Tensor:
-        """``det`` on every voxel of the fixed image (the last cell's value repeated at the far edges)."""
-        return F.pad(self.det[:, None], [0, 1] * (self.det.ndim - 1), mode="replicate")[0, 0]
-
-
 @torch.no_grad()
 def map_physical(reg: Registration, points: torch.Tensor) -> torch.Tensor:
     """The registration's whole map on physical points ``(1, d, *S)`` (float64): fixed space -> moving space."""
@@ -223,22 +203,6 @@ def inverse_physical(reg: Registration, points: torch.Tensor, reverse: Transform
     moving space -> fixed space (``reverse``: ``reg.reverse()``)."""
     aligned = reg.pair.reversed().moving_geometry().physical(points.double())
     return reg.grid.to_physical(reverse(reg.grid.from_physical(aligned).float()).double())
-
-
-@torch.no_grad()
-def on_fixed_grid(reg: Registration, device=None) -> OnFixedGrid:
-    """The map at every voxel of the fixed image. Each change of frame is one affine map applied
-    in float32 (:meth:`Geometry.points_to`): fixed voxels into the model grid's domain, through Φ,
-    then to physical space, to the moving image's domain and to the fixed image's own frame."""
-    g_fixed, g_moving = Geometry.of(reg.pair.fixed), reg.pair.moving_geometry()
-    fixed_domain = identity_grid(tuple(reversed(g_fixed.size)), device, torch.float32)
-    v = reg.phi(g_fixed.points_to(fixed_domain, reg.grid).to(device))  # the model grid's domain, moving side
-    # The Jacobian in the fixed image's own frame: a reflection between two images' index orders
-    # is a property of their grids, not a fold. T is affine: it scales every determinant by det L.
-    det = jacobian_determinant(reg.grid.points_to(v, g_fixed)) * reg.pair.affine_det()
-    moving_domain = reg.grid.points_to(v, g_moving)
-    return OnFixedGrid(g_fixed.points_to(fixed_domain, None), reg.grid.points_to(v, None),
-                       Geometry.of(reg.pair.moving).points_to(moving_domain, None), moving_domain, det)
 
 
 def sample_like_itk(image: torch.Tensor, points: torch.Tensor, geometry: Geometry, nearest: bool = False) -> torch.Tensor:
@@ -260,7 +224,7 @@ def map_transform(reg: Registration, grid: OnFixedGrid) -> sitk.Transform:
     displacement field on the fixed grid) when the pair has an affine transform ``T``, else ``D``."""
     if reg.pair.affine is None:
         return displacement_transform(grid.displacement[0], reg.pair.fixed)
-    field = displacement_transform((grid.aligned_physical - grid.fixed_physical)[0], reg.pair.fixed)
+    field = displacement_transform(grid.aligned_displacement[0], reg.pair.fixed)
     return sitk.CompositeTransform([reg.pair.affine, field])
 
 
