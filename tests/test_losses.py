@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from cyclereg.core.coords import identity_grid, voxel_scale
 from cyclereg.losses import (LNCC, MSE, NCC, SIMILARITIES, Diffusion, GradientInverseConsistency, InverseConsistency,
-                             diffusion, gradient_inverse_consistency, inverse_consistency, lncc, mse, ncc,
+                             diffusion, gradient_inverse_consistency, inverse_consistency, lncc, lncc_box, lncc_box_to, mse, ncc,
                              random_points)
 from cyclereg.core.filters import box_sum
 from cyclereg.core.transforms import DisplacementField, Identity
@@ -274,3 +274,11 @@ def test_box_sum_equals_the_sum_over_the_zero_padded_cubic_window(shape, window)
         windows = windows.unfold(2 + axis, window, 1)
     expected = windows.flatten(-d).sum(-1)
     torch.testing.assert_close(box_sum(x, window), expected)
+
+
+def test_lncc_box_against_one_fixed_image_is_lncc_box_for_every_warped_image(dim, shape):
+    """The fixed image's sums taken once (field refinement) give lncc_box's value for each new warped image."""
+    fixed, first, second = smooth_image(shape, 2, seed=1), smooth_image(shape, 2, seed=2), smooth_image(shape, 2, seed=3)
+    against = lncc_box_to(fixed, 5)
+    for warped in (first, second):
+        torch.testing.assert_close(against(warped), lncc_box(warped, fixed, 5))

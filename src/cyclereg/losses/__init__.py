@@ -6,8 +6,8 @@ around it that averages over the batch. A new similarity goes in :mod:`.similari
 
 from cyclereg.losses.regularisers import (Diffusion, GradientInverseConsistency, InverseConsistency, diffusion,
                                           gradient_inverse_consistency, inverse_consistency, random_points)
-from cyclereg.losses.similarity import LNCC, MSE, NCC, SIMILARITIES, lncc, lncc_box, mse, ncc
+from cyclereg.losses.similarity import LNCC, MSE, NCC, SIMILARITIES, lncc, lncc_box, lncc_box_to, mse, ncc
 
-__all__ = ["mse", "ncc", "lncc", "lncc_box", "SIMILARITIES", "MSE", "NCC", "LNCC", "random_points",
+__all__ = ["mse", "ncc", "lncc", "lncc_box", "lncc_box_to", "SIMILARITIES", "MSE", "NCC", "LNCC", "random_points",
            "inverse_consistency", "gradient_inverse_consistency", "diffusion", "InverseConsistency",
            "GradientInverseConsistency", "Diffusion"]

@@ -49,17 +49,29 @@ def lncc_box(warped: torch.Tensor, fixed: torch.Tensor, window: int = 9, eps: fl
     float64: in float32 their expansion cancels to rounding noise on a background other than 0 (the
     authors' images have a background of 0, ours of -1 in ``[-1, 1]``), and that noise, divided by a
     small ``eps``, stops training."""
-    size = window ** (warped.ndim - 2)
-    dtype = warped.dtype
-    warped, fixed = warped.double(), fixed.double()
+    return lncc_box_to(fixed, window, eps)(warped)
+
+
+def lncc_box_to(fixed: torch.Tensor, window: int = 9, eps: float = 1e-5):
+    """:func:`lncc_box` against one ``fixed`` image, as a function of the warped image: the fixed image's
+    window sums are taken once (an optimisation of one pair evaluates it at every step)."""
+    size = window ** (fixed.ndim - 2)
+    fixed = fixed.double()
     total = lambda t: box_sum(t, window)  # noqa: E731
-    sum_a, sum_b = total(warped), total(fixed)
-    mu_a, mu_b = sum_a / size, sum_b / size
-    cross = total(warped * fixed) - mu_b * sum_a - mu_a * sum_b + mu_a * mu_b * size
-    var_a = total(warped * warped) - 2 * mu_a * sum_a + mu_a * mu_a * size
+    sum_b = total(fixed)
+    mu_b = sum_b / size
     var_b = total(fixed * fixed) - 2 * mu_b * sum_b + mu_b * mu_b * size
-    local = cross * cross / (var_a * var_b + eps)
-    return (1 - local.flatten(1).mean(1)).to(dtype)
+
+    def loss(warped: torch.Tensor) -> torch.Tensor:
+        dtype, warped = warped.dtype, warped.double()
+        sum_a = total(warped)
+        mu_a = sum_a / size
+        cross = total(warped * fixed) - mu_b * sum_a - mu_a * sum_b + mu_a * mu_b * size
+        var_a = total(warped * warped) - 2 * mu_a * sum_a + mu_a * mu_a * size
+        local = cross * cross / (var_a * var_b + eps)
+        return (1 - local.flatten(1).mean(1)).to(dtype)
+
+    return loss
 
 
 SIMILARITIES = {"mse": mse, "ncc": ncc, "lncc": lncc, "lncc_box": lncc_box}

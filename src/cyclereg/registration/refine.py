@@ -23,7 +23,7 @@ import torch
 
 from cyclereg.core.coords import identity_grid, voxel_scale
 from cyclereg.core.optim import cosine_adam
-from cyclereg.losses import diffusion, lncc_box
+from cyclereg.losses import diffusion, lncc_box_to
 from cyclereg.core.transforms import DisplacementField, Transform, resize, sample
 from cyclereg.registration.tuning import InstanceOptimisation
 
@@ -45,9 +45,11 @@ def refine_map(phi: Transform, moving: torch.Tensor, fixed: torch.Tensor, steps:
     coarse = tuple(max(2, (n - 1) // downsample + 1) for n in shape)
     residual = torch.zeros(fixed.shape[0], len(shape), *coarse, device=fixed.device, requires_grad=True)
 
+    similarity = lncc_box_to(fixed, WINDOW)
+
     def loss():
         r = resize(residual, shape) / scale
-        return (lncc_box(sample(moving, mapped + r), fixed, WINDOW) + weight * diffusion(r)).sum()
+        return (similarity(sample(moving, mapped + r)) + weight * diffusion(r)).sum()
 
     cosine_adam([(residual, lr)], loss, steps)
     with torch.no_grad():
