@@ -14,8 +14,8 @@ from cyclereg.core.errors import DataError
 from cyclereg.io.images import Geometry, read_image
 from cyclereg.io.preprocess import Preprocessing, model_grid, prepare
 from cyclereg.registration.fixed_grid import on_fixed_grid
-from cyclereg.registration.register import Pair, Registration, model_inputs, warp_file, write_outputs
-from cyclereg.core.transforms import DisplacementField, sample_axes
+from cyclereg.registration.register import Pair, Registration, map_physical, model_inputs, warp_file, write_outputs
+from cyclereg.core.transforms import Composed, DisplacementField, Transform
 
 
 def _oblique(dim, angle=0.4):
@@ -161,26 +161,41 @@ def _smooth_registration(pair, prep, amplitude=0.03, seed=0):
     return Registration(pair, grid, DisplacementField(field))
 
 
-def test_a_field_on_the_model_grid_interpolated_axis_by_axis_is_the_map_called_at_every_voxel(dim, monkeypatch):
-    """The fast path of on_fixed_grid (a field on a model grid with the fixed image's axes, an affine
-    stage) against calling the same map at every voxel: the same points, displacements and Jacobians."""
-    import cyclereg.registration.fixed_grid as fixed_grid
-    from cyclereg.core.transforms import Composed, Identity
+class _Pointwise(Transform):
+    """``transform`` called on points only: on_fixed_grid evaluates it at every voxel."""
+
+    def __init__(self, transform):
+        self.transform = transform
+
+    def displacement(self, points):
+        return self.transform.displacement(points)
+
+
+@pytest.mark.parametrize("composed", [False, True], ids=["field", "two-fields-composed"])
+@pytest.mark.parametrize("common_space", [False, True], ids=["fixed-axes", "common-space-axes"])
+def test_maps_evaluated_axis_by_axis_on_the_fixed_grid_are_the_maps_called_at_every_voxel(dim, composed, common_space):
+    """The fast path of on_fixed_grid (a field, or a network's composition of fields, on a model grid with
+    the fixed image's axes, an affine stage) against calling the same map at every voxel: the same points,
+    displacements and Jacobians; and both against the whole map at the voxels' physical points
+    (map_physical), also on a model grid of a common space's axes (oblique to the fixed image's)."""
     from cyclereg.io.transforms import affine_transform
 
     fixed = blob((16, 14, 12)[:dim], (1.5, 0.8, 2.0)[:dim], (3.0, -4.0, 7.0)[:dim], _oblique(dim))
     moving = blob((15, 15, 13)[:dim], (1.3, 1.1, 1.9)[:dim], (1.0, -6.0, 5.0)[:dim], _oblique(dim, 0.25), seed=3)
     linear = np.eye(dim) + 0.05 * np.random.default_rng(1).standard_normal((dim, dim))
     pair = Pair(fixed, moving, affine=affine_transform(linear, np.full(dim, 1.5)))
-    reg = _smooth_registration(pair, Preprocessing(spacing=(2.1,) * dim), amplitude=0.05)
-    calls = []
-    monkeypatch.setattr(fixed_grid, "sample_axes", lambda *a: calls.append(1) or sample_axes(*a))
+    direction = tuple(np.eye(dim).ravel()) if common_space else None
+    reg = _smooth_registration(pair, Preprocessing(spacing=(2.1,) * dim, direction=direction), amplitude=0.05)
+    if composed:
+        coarse = 0.05 * torch.randn(1, dim, *([3] * dim), generator=torch.Generator().manual_seed(4))
+        reg = Registration(pair, reg.grid, Composed(DisplacementField(coarse), reg.phi))
     fast = on_fixed_grid(reg)
-    slow = on_fixed_grid(Registration(pair, reg.grid, Composed(reg.phi, Identity())))
-    assert len(calls) == 1  # the first took the fast path, the second did not
+    slow = on_fixed_grid(Registration(pair, reg.grid, _Pointwise(reg.phi)))
     for name in ("moving_domain", "aligned_displacement", "moving_physical", "aligned_physical", "displacement", "det"):
         torch.testing.assert_close(getattr(fast, name), getattr(slow, name), atol=1e-4, rtol=1e-4, msg=name)
     assert float(fast.det.std()) > 0.01  # a map with something to compare
+    expected = map_physical(reg, fast.fixed_physical.double())
+    torch.testing.assert_close(fast.moving_physical.double(), expected, atol=1e-3, rtol=0)
 
 
 def test_simpleitk_applies_the_written_transform_like_cyclereg(tmp_path, dim):

@@ -8,11 +8,13 @@ change of frame is affine, so it acts on ``D``'s values alone: before ``T``, the
 (``B x + b`` the frames without ``Φ``, ``M`` the linear part from the model grid's domain to the moving
 image's). ``D`` is evaluated at the voxels once, both linear maps applied to it.
 
-When ``Φ`` is a field on the model grid (field refinement, registration without a network) and the model
-grid's axes are the fixed image's (``A`` diagonal: the grid is built from the fixed image), the field is
-interpolated one axis at a time (:func:`~cyclereg.core.transforms.sample_axes`) instead of at 16.7 million
-points of a 256³ image; otherwise ``Φ`` is called on every voxel. Physical points and the Jacobian are
-computed when first read.
+When the model grid's axes are the fixed image's (``A`` diagonal: the grid is built from the fixed image),
+``D`` is evaluated at the grid that the voxels' coordinates along each axis span
+(:meth:`~cyclereg.core.transforms.Transform.displacement_at_axes`): a field on the model grid (field
+refinement, registration without a network) is interpolated one axis at a time, by small matrices, instead
+of at the 16.7 million points of a 256³ image, and a composition of fields (a network's steps) so
+interpolates the field it applies first. Otherwise ``Φ`` is called on every voxel. Physical points and the
+Jacobian are computed when first read.
 """
 
 from __future__ import annotations
@@ -25,7 +27,6 @@ import torch.nn.functional as F
 
 from cyclereg.core.coords import identity_grid
 from cyclereg.core.metrics import displacement_determinant
-from cyclereg.core.transforms import DisplacementField, sample_axes
 from cyclereg.io.images import Geometry
 
 __all__ = ["OnFixedGrid", "on_fixed_grid"]
@@ -82,13 +83,12 @@ def on_fixed_grid(reg, device=None) -> OnFixedGrid:
     shape, d = tuple(reversed(g_fixed.size)), g_fixed.dim
     a, o = g_fixed.affine_to(reg.grid)
     maps = np.concatenate([reg.grid.affine_to(None)[0], reg.grid.affine_to(g_moving)[0]])  # G over M
-    phi = reg.phi
-    if isinstance(phi, DisplacementField) and phi.field.shape[0] == 1 and _diagonal(a):
-        axes = [torch.linspace(0, 1, n, dtype=torch.float64) * a[k, k] + o[k] for k, n in enumerate(shape)]
-        both = sample_axes(_linear(maps, phi.field.to(device)), [u.float() for u in axes])
+    if _diagonal(a):
+        axes = [(torch.linspace(0, 1, n, dtype=torch.float64) * a[k, k] + o[k]).float().to(device) for k, n in enumerate(shape)]
+        both = _linear(maps, reg.phi.displacement_at_axes(axes))
     else:
         u = g_fixed.points_to(identity_grid(shape, device, torch.float32), reg.grid)
-        both = _linear(maps, phi.displacement(u.to(device)))
+        both = _linear(maps, reg.phi.displacement(u))
     _add_affine(both[:, d:], *g_fixed.affine_to(g_moving))  # the frames alone: fixed domain -> moving domain
     return OnFixedGrid(g_fixed, Geometry.of(reg.pair.moving), both[:, d:], both[:, :d], reg.pair.affine_det())
 
