@@ -54,12 +54,17 @@ def test_an_image_past_the_file_size_limit_leaves_nothing(images, tmp_path, suff
     assert sorted(p.name for p in out.iterdir()) == []
 
 
-def test_a_transform_past_the_file_size_limit_leaves_nothing(images, tmp_path):
+@pytest.mark.parametrize("form", ["field", "[affine, field]", "composite"])
+def test_a_transform_past_the_file_size_limit_leaves_nothing(images, tmp_path, form):
+    """A displacement field alone, as a list of parts (what register writes) or as a composite transform."""
     field = sitk.GetImageFromArray(np.zeros((20, 20, 20, 3)), isVector=True)
-    script = ("import sys; from SimpleITK import DisplacementFieldTransform, ReadImage; "
+    transform = {"field": "field", "[affine, field]": "[AffineTransform(3), field]",
+                 "composite": "CompositeTransform([AffineTransform(3), field])"}[form]
+    script = ("import sys; from SimpleITK import AffineTransform, CompositeTransform, DisplacementFieldTransform, ReadImage; "
               "from cyclereg.io.transforms import write_transform; from cyclereg.cli import main; "
               "from cyclereg.core.errors import CycleregError\n"
-              "try:\n    write_transform(sys.argv[2], DisplacementFieldTransform(ReadImage(sys.argv[1])))\n"
+              "field = DisplacementFieldTransform(ReadImage(sys.argv[1]))\n"
+              f"try:\n    write_transform(sys.argv[2], {transform})\n"
               "except CycleregError as err:\n    print(err, file=sys.stderr); sys.exit(err.exit_code)\n")
     sitk.WriteImage(sitk.Cast(field, sitk.sitkVectorFloat64), str(tmp_path / "field.mha"))
     out = tmp_path / "out"

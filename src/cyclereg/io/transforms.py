@@ -79,17 +79,21 @@ def read_affine(path, dim: int, option: str = "--affine") -> sitk.AffineTransfor
 
 
 def _parameter_bytes(transform: sitk.Transform) -> int:
-    """The bytes of a transform's parameters as doubles (a composite: all of its transforms)."""
-    if transform.GetName() == "CompositeTransform":
-        composite = sitk.CompositeTransform(transform)
-        return sum(_parameter_bytes(composite.GetNthTransform(k)) for k in range(composite.GetNumberOfTransforms()))
+    """The bytes of a transform's parameters as doubles."""
     return 8 * (transform.GetNumberOfParameters() + transform.GetNumberOfFixedParameters())
 
 
-def write_transform(path, transform: sitk.Transform) -> None:
-    """Write an ITK transform file atomically; a failed write is one error naming the file. The room is
-    checked first: ITK's HDF5 writer, cut short, takes the process down as it exits."""
-    needed = _parameter_bytes(transform)
+def write_transform(path, transform) -> None:
+    """Write an ITK transform file atomically; a failed write is one error naming the file. ``transform``
+    is a SimpleITK transform or a list of them, written as their composite (ITK's order: the last is
+    applied to points first). The room is checked first: ITK's HDF5 writer, cut short, takes the process
+    down as it exits. (Counted on the list's parts: reading a composite's parts back copies each.)"""
+    parts = list(transform) if isinstance(transform, (list, tuple)) else [transform]
+    if len(parts) == 1 and parts[0].GetName() == "CompositeTransform":
+        composite = sitk.CompositeTransform(parts[0])
+        parts = [composite.GetNthTransform(k) for k in range(composite.GetNumberOfTransforms())]
+    needed = sum(_parameter_bytes(t) for t in parts)
+    transform = sitk.CompositeTransform(parts) if isinstance(transform, (list, tuple)) else transform
     check_output(path)
     if needed > room_for(path):
         raise DataError(incomplete_write(path, needed))

@@ -222,10 +222,14 @@ def warp_image(image: sitk.Image, points: torch.Tensor, nearest: bool = False) -
 def map_transform(reg: Registration, grid: OnFixedGrid) -> sitk.Transform:
     """The whole map as one ITK transform: the composite ``[T, D]`` (``T(D(x))``, ``D`` the model's
     displacement field on the fixed grid) when the pair has an affine transform ``T``, else ``D``."""
+    parts = _map_parts(reg, grid)
+    return sitk.CompositeTransform(parts) if len(parts) > 1 else parts[0]
+
+
+def _map_parts(reg: Registration, grid: OnFixedGrid) -> list[sitk.Transform]:
     if reg.pair.affine is None:
-        return displacement_transform(grid.displacement[0], reg.pair.fixed)
-    field = displacement_transform(grid.aligned_displacement[0], reg.pair.fixed)
-    return sitk.CompositeTransform([reg.pair.affine, field])
+        return [displacement_transform(grid.displacement[0], reg.pair.fixed)]
+    return [reg.pair.affine, displacement_transform(grid.aligned_displacement[0], reg.pair.fixed)]
 
 
 def _voxel_points(image: sitk.Image, device=None) -> torch.Tensor:
@@ -237,9 +241,13 @@ def _voxel_points(image: sitk.Image, device=None) -> torch.Tensor:
 def inverse_composite(reg: Registration, device=None) -> sitk.Transform:
     """The inverse of the whole map, ``Φ_BA∘T⁻¹``, as the composite ``[D_BA, T⁻¹]`` with ``D_BA`` on the
     fixed grid. The methods are inverse consistent, so the model's reverse map stands for ``Φ⁻¹``."""
+    return sitk.CompositeTransform(_inverse_parts(reg, device))
+
+
+def _inverse_parts(reg: Registration, device=None) -> list[sitk.Transform]:
     x = _voxel_points(reg.pair.fixed, device)
     y = reg.grid.to_physical(reg.reverse()(reg.grid.from_physical(x).float()).double())
-    return sitk.CompositeTransform([displacement_transform((y - x)[0], reg.pair.fixed), reg.pair.reversed().affine])
+    return [displacement_transform((y - x)[0], reg.pair.fixed), reg.pair.reversed().affine]
 
 
 def inverse_displacement(reg: Registration, device=None) -> torch.Tensor:
@@ -295,12 +303,12 @@ def _write_each(reg, grid, summary, device, warped, transform, jacobian, warped_
 
     if transform:
         if composite(transform):
-            write_transform(transform, map_transform(reg, grid))
+            write_transform(transform, _map_parts(reg, grid))
         else:
             write_displacement(transform, grid.displacement[0], pair.fixed)
     if transform_inverse:
         if composite(transform_inverse):
-            write_transform(transform_inverse, inverse_composite(reg, device))
+            write_transform(transform_inverse, _inverse_parts(reg, device))
         else:
             write_displacement(transform_inverse, inverse_displacement(reg, device), pair.moving)
 
