@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from cyclereg.core.coords import identity_grid
 from cyclereg.core.metrics import displacement_determinant
+from cyclereg.core.transforms import DisplacementField, sample_axes
 from cyclereg.io.images import Geometry
 
 __all__ = ["OnFixedGrid", "on_fixed_grid"]
@@ -85,7 +86,10 @@ def on_fixed_grid(reg, device=None) -> OnFixedGrid:
     maps = np.concatenate([reg.grid.affine_to(None)[0], reg.grid.affine_to(g_moving)[0]])  # G over M
     if _diagonal(a):
         axes = [(torch.linspace(0, 1, n, dtype=torch.float64) * a[k, k] + o[k]).float().to(device) for k, n in enumerate(shape)]
-        both = _linear(maps, reg.phi.displacement_at_axes(axes))
+        if isinstance(reg.phi, DisplacementField):  # the frame changes on the coarse field: cheaper
+            both = sample_axes(_linear(maps, reg.phi.field.to(device)), axes)
+        else:
+            both = _linear(maps, reg.phi.displacement_at_axes(axes))
     else:
         u = g_fixed.points_to(identity_grid(shape, device, torch.float32), reg.grid)
         both = _linear(maps, reg.phi.displacement(u))
