@@ -145,7 +145,7 @@ class Composed(Transform):
 
     def displacement_at_axes(self, axes):
         d_inner = self.inner.displacement_at_axes(axes)
-        return d_inner + self.outer.displacement(axes_grid(axes) + d_inner)
+        return d_inner + self.outer.displacement(axes_grid(axes).to(d_inner.device) + d_inner)
 
     def take(self, index):
         return Composed(self.outer.take(index), self.inner.take(index))
