@@ -174,10 +174,10 @@ class _Pointwise(Transform):
 @pytest.mark.parametrize("composed", [False, True], ids=["field", "two-fields-composed"])
 @pytest.mark.parametrize("common_space", [False, True], ids=["fixed-axes", "common-space-axes"])
 def test_maps_evaluated_axis_by_axis_on_the_fixed_grid_are_the_maps_called_at_every_voxel(dim, composed, common_space):
-    """The fast path of on_fixed_grid (a field, or a network's composition of fields, on a model grid with
-    the fixed image's axes, an affine stage) against calling the same map at every voxel: the same points,
-    displacements and Jacobians; and both against the whole map at the voxels' physical points
-    (map_physical), also on a model grid of a common space's axes (oblique to the fixed image's)."""
+    """on_fixed_grid's fast path (a field on a model grid with the fixed image's axes, an affine stage)
+    against calling the same map at every voxel: the same points, displacements and Jacobians; and both paths
+    (a network's composed fields take the general one) against the whole map at the voxels' physical
+    points (map_physical), also on a model grid of a common space's axes (oblique to the fixed image's)."""
     from cyclereg.io.transforms import affine_transform
 
     fixed = blob((16, 14, 12)[:dim], (1.5, 0.8, 2.0)[:dim], (3.0, -4.0, 7.0)[:dim], _oblique(dim))

@@ -172,11 +172,3 @@ def test_sampling_axis_by_axis_equals_sampling_at_the_grid_they_span(dim, shape)
     points = torch.stack(torch.meshgrid(*axes, indexing="ij"))[None]
     torch.testing.assert_close(sample_axes(values, axes), sample(values, points), atol=1e-5, rtol=0)
 
-
-def test_displacements_at_the_grid_of_axes_are_the_displacements_at_its_points(dim, shape):
-    """Identity, a field, and a composition of fields (the interpolation of each skipped or shortened)."""
-    axes = [torch.rand(n) * 1.2 - 0.1 for n in (9, 5, 4)[:dim]]
-    a, b = DisplacementField(0.1 * torch.randn(1, dim, *shape)), DisplacementField(0.1 * torch.randn(1, dim, *shape[::-1]))
-    points = torch.stack(torch.meshgrid(*axes, indexing="ij"))[None]
-    for transform in (Identity(), a, Composed(a, b), Composed(Composed(b, a), a)):
-        torch.testing.assert_close(transform.displacement_at_axes(axes), transform.displacement(points), atol=1e-5, rtol=0)

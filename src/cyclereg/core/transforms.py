@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from cyclereg.core.coords import identity_grid, to_grid_sample
 
-__all__ = ["sample", "sample_axes", "axes_grid", "resize", "Transform", "Identity", "DisplacementField", "Composed", "warp", "map_on_grid", "exp_velocity"]
+__all__ = ["sample", "sample_axes", "resize", "Transform", "Identity", "DisplacementField", "Composed", "warp", "map_on_grid", "exp_velocity"]
 
 
 def sample(values: torch.Tensor, points: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
@@ -39,11 +39,6 @@ def sample_axes(values: torch.Tensor, axes) -> torch.Tensor:
         out = letters[:k] + "o" + letters[k + 1:]
         values = torch.einsum(f"o{letters[k]},nc{letters}->nc{out}", weights, values)
     return values
-
-
-def axes_grid(axes) -> torch.Tensor:
-    """The points ``(1, d, *S)`` of the grid spanned by 1-D domain coordinates ``axes``, one per axis."""
-    return torch.stack(torch.meshgrid(*axes, indexing="ij"))[None]
 
 
 def _interpolation_matrix(u: torch.Tensor, n: int) -> torch.Tensor:
@@ -80,11 +75,6 @@ class Transform:
         skip interpolation where their values already sit on that grid."""
         return self.displacement(grid)
 
-    def displacement_at_axes(self, axes) -> torch.Tensor:
-        """``displacement`` at the grid spanned by ``axes`` (1-D domain coordinates, one per axis, as in
-        :func:`sample_axes`); subclasses skip most of the interpolation."""
-        return self.displacement(axes_grid(axes))
-
     def take(self, index: torch.Tensor) -> "Transform":  # pragma: no cover - interface
         """The transform of the batch items ``index`` (for example a batch rolled by half)."""
         raise NotImplementedError
@@ -97,9 +87,6 @@ class Transform:
 class Identity(Transform):
     def displacement(self, points):
         return torch.zeros_like(points)
-
-    def displacement_at_axes(self, axes):
-        return torch.zeros(1, len(axes), *(len(u) for u in axes), device=axes[0].device, dtype=axes[0].dtype)
 
     def take(self, index):
         return self
@@ -122,9 +109,6 @@ class DisplacementField(Transform):
             return self.field.expand(grid.shape[0], *self.field.shape[1:])
         return self.displacement(grid)
 
-    def displacement_at_axes(self, axes):
-        return sample_axes(self.field, axes)
-
     def take(self, index):
         return DisplacementField(self.field[index])
 
@@ -142,10 +126,6 @@ class Composed(Transform):
     def displacement_on_grid(self, grid):
         d_inner = self.inner.displacement_on_grid(grid)
         return d_inner + self.outer.displacement(grid + d_inner)
-
-    def displacement_at_axes(self, axes):
-        d_inner = self.inner.displacement_at_axes(axes)
-        return d_inner + self.outer.displacement(axes_grid(axes).to(d_inner.device) + d_inner)
 
     def take(self, index):
         return Composed(self.outer.take(index), self.inner.take(index))

@@ -8,13 +8,13 @@ change of frame is affine, so it acts on ``D``'s values alone: before ``T``, the
 (``B x + b`` the frames without ``Φ``, ``M`` the linear part from the model grid's domain to the moving
 image's). ``D`` is evaluated at the voxels once, both linear maps applied to it.
 
-When the model grid's axes are the fixed image's (``A`` diagonal: the grid is built from the fixed image),
-``D`` is evaluated at the grid that the voxels' coordinates along each axis span
-(:meth:`~cyclereg.core.transforms.Transform.displacement_at_axes`): a field on the model grid (field
-refinement, registration without a network) is interpolated one axis at a time, by small matrices, instead
-of at the 16.7 million points of a 256³ image, and a composition of fields (a network's steps) so
-interpolates the field it applies first. Otherwise ``Φ`` is called on every voxel. Physical points and the
-Jacobian are computed when first read.
+When ``Φ`` is a field on the model grid (field refinement, registration without a network) and the model
+grid's axes are the fixed image's (``A`` diagonal: the grid is built from the fixed image), the linear maps
+act on the field's nodes and the field is interpolated one axis at a time
+(:func:`~cyclereg.core.transforms.sample_axes`, small matrices) instead of at the 16.7 million points of a
+256³ image. Otherwise (a network's composed fields: the outer field must be sampled where the inner one
+moves the voxels, and evaluating the inner one axis by axis saved nothing measurable) ``Φ`` is called on
+every voxel. Physical points and the Jacobian are computed when first read.
 """
 
 from __future__ import annotations
@@ -84,12 +84,9 @@ def on_fixed_grid(reg, device=None) -> OnFixedGrid:
     shape, d = tuple(reversed(g_fixed.size)), g_fixed.dim
     a, o = g_fixed.affine_to(reg.grid)
     maps = np.concatenate([reg.grid.affine_to(None)[0], reg.grid.affine_to(g_moving)[0]])  # G over M
-    if _diagonal(a):
+    if isinstance(reg.phi, DisplacementField) and _diagonal(a):
         axes = [(torch.linspace(0, 1, n, dtype=torch.float64) * a[k, k] + o[k]).float().to(device) for k, n in enumerate(shape)]
-        if isinstance(reg.phi, DisplacementField):  # the frame changes on the coarse field: cheaper
-            both = sample_axes(_linear(maps, reg.phi.field.to(device)), axes)
-        else:
-            both = _linear(maps, reg.phi.displacement_at_axes(axes))
+        both = sample_axes(_linear(maps, reg.phi.field.to(device)), axes)  # the frame changes on the coarse field
     else:
         u = g_fixed.points_to(identity_grid(shape, device, torch.float32), reg.grid)
         both = _linear(maps, reg.phi.displacement(u))
