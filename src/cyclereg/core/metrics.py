@@ -71,8 +71,9 @@ def _differences(vox: torch.Tensor, identity: bool) -> list[list[torch.Tensor]]:
     diagonal for a displacement)."""
     diffs = forward_differences(vox, cropped=True)
     j = [[diffs[k][:, i] for k in range(len(diffs))] for i in range(len(diffs))]
-    for i in range(len(j) if identity else 0):
-        j[i][i] = j[i][i] + 1
+    if identity:
+        for i in range(len(j)):
+            j[i][i] = j[i][i] + 1
     return j
 
 

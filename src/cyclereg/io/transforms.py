@@ -88,12 +88,14 @@ def write_transform(path, transform) -> None:
     is a SimpleITK transform or a list of them, written as their composite (ITK's order: the last is
     applied to points first). The room is checked first: ITK's HDF5 writer, cut short, takes the process
     down as it exits. (Counted on the list's parts: reading a composite's parts back copies each.)"""
-    parts = list(transform) if isinstance(transform, (list, tuple)) else [transform]
-    if len(parts) == 1 and parts[0].GetName() == "CompositeTransform":
-        composite = sitk.CompositeTransform(parts[0])
+    if isinstance(transform, (list, tuple)):
+        parts, transform = list(transform), sitk.CompositeTransform(list(transform))
+    elif transform.GetName() == "CompositeTransform":
+        composite = sitk.CompositeTransform(transform)
         parts = [composite.GetNthTransform(k) for k in range(composite.GetNumberOfTransforms())]
+    else:
+        parts = [transform]
     needed = sum(_parameter_bytes(t) for t in parts)
-    transform = sitk.CompositeTransform(parts) if isinstance(transform, (list, tuple)) else transform
     check_output(path)
     if needed > room_for(path):
         raise DataError(incomplete_write(path, needed))

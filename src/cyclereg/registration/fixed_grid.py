@@ -84,24 +84,24 @@ def on_fixed_grid(reg, device=None) -> OnFixedGrid:
     shape, d = tuple(reversed(g_fixed.size)), g_fixed.dim
     a, o = g_fixed.affine_to(reg.grid)
     maps = np.concatenate([reg.grid.affine_to(None)[0], reg.grid.affine_to(g_moving)[0]])  # G over M
+    unit = [torch.linspace(0, 1, n, dtype=torch.float64) for n in shape]  # the fixed voxels along each axis
     if isinstance(reg.phi, DisplacementField) and _diagonal(a):
-        axes = [(torch.linspace(0, 1, n, dtype=torch.float64) * a[k, k] + o[k]).float().to(device) for k, n in enumerate(shape)]
+        axes = [(u * a[k, k] + o[k]).float().to(device) for k, u in enumerate(unit)]
         both = sample_axes(_linear(maps, reg.phi.field.to(device)), axes)  # the frame changes on the coarse field
     else:
         u = g_fixed.points_to(identity_grid(shape, device, torch.float32), reg.grid)
         both = _linear(maps, reg.phi.displacement(u))
-    _add_affine(both[:, d:], *g_fixed.affine_to(g_moving))  # the frames alone: fixed domain -> moving domain
+    _add_affine(both[:, d:], *g_fixed.affine_to(g_moving), unit)  # the frames alone: fixed domain -> moving domain
     return OnFixedGrid(g_fixed, Geometry.of(reg.pair.moving), both[:, d:], both[:, :d], reg.pair.affine_det())
 
 
-def _add_affine(out: torch.Tensor, matrix: np.ndarray, offset: np.ndarray) -> None:
-    """``out (1, d, *shape) += matrix @ x + offset`` at every node ``x`` of the identity grid of ``shape``:
-    per component, the terms of all axes but the last summed on their smaller grid (float64), then two
-    broadcast additions (no grid of points)."""
-    shape = out.shape[2:]
-    axes = [torch.linspace(0, 1, n, dtype=torch.float64) for n in shape]
+def _add_affine(out: torch.Tensor, matrix: np.ndarray, offset: np.ndarray, unit) -> None:
+    """``out (1, d, *shape) += matrix @ x + offset`` at every node ``x`` of the identity grid whose axes are
+    ``unit`` (float64 coordinates in [0, 1]): per component, the terms of all axes but the last summed on
+    their smaller grid (float64), then two broadcast additions (no grid of points)."""
+    d = len(unit)
     for i in range(out.shape[1]):
-        terms = [(matrix[i, k] * u).view([-1 if j == k else 1 for j in range(len(shape))]) for k, u in enumerate(axes)]
+        terms = [(matrix[i, k] * u).view([-1 if j == k else 1 for j in range(d)]) for k, u in enumerate(unit)]
         leading = sum(terms[1:-1], terms[0] + offset[i])
         out[0, i].add_(leading.to(out.device, out.dtype)).add_(terms[-1].to(out.device, out.dtype))
 
