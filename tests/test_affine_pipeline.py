@@ -20,7 +20,7 @@ from cyclereg.io.images import Geometry
 from cyclereg.io.preprocess import Preprocessing
 from cyclereg.io.transforms import affine_parts, affine_transform, read_affine
 from cyclereg.registration.fixed_grid import on_fixed_grid
-from cyclereg.registration.register import (Pair, Registration, align, model_inputs, warp_file,
+from cyclereg.registration.register import (Pair, Registration, align, map_physical, model_inputs, warp_file,
                                             write_outputs)
 
 from test_affine import _moved, _phantom, _rotation
@@ -120,6 +120,29 @@ def test_simpleitk_applies_the_composite_transform_like_cyclereg(tmp_path, dim):
     ours_labels = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "l.nii.gz")))
     assert {17, 1042} <= set(np.unique(ours_labels))
     assert (ours_labels == sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "tl.mha")))).mean() > 0.995
+
+
+def test_a_field_map_is_written_on_its_own_nodes_and_holds_at_the_edge_voxels(tmp_path, dim):
+    """A map that is a field on the model grid (field refinement, no network) is written on that grid's
+    nodes, one border node added on each side, not on the fixed image's voxels; applied by ITK it is the
+    map at every voxel, also at the edge voxels that lie beyond the outermost nodes of a coarse grid
+    (4 mm nodes over 1.5-2 mm voxels), where the map holds its border value."""
+    pair = _pair(dim)
+    grid, _, _ = model_inputs(pair, Preprocessing(spacing=(4.0,) * dim))
+    shape = tuple(reversed(grid.size))
+    field = _smooth(shape, amplitude=0.05) + 0.04  # nonzero at the border: a missing border node shows
+    reg = Registration(pair, grid, DisplacementField(field))
+    write_outputs(reg, transform=tmp_path / "t.h5")
+    composite = sitk.CompositeTransform(sitk.ReadTransform(str(tmp_path / "t.h5")))
+    nodes = sitk.DisplacementFieldTransform(composite.GetNthTransform(1)).GetDisplacementField()
+    assert nodes.GetSize() == tuple(n + 2 for n in grid.size)
+    g = Geometry.of(pair.fixed)
+    points = g.to_physical(identity_grid(tuple(reversed(g.size)), dtype=torch.float64))
+    u = grid.from_physical(points)
+    assert ((u < 0) | (u > 1)).any()  # voxels beyond the outermost nodes
+    ours = map_physical(reg, points)[0].flatten(1).T.numpy()
+    theirs = np.array([composite.TransformPoint(tuple(p)) for p in points[0].flatten(1).T.numpy()])
+    np.testing.assert_allclose(theirs, ours, atol=1e-3)
 
 
 def test_the_inverse_transform_undoes_the_whole_map(tmp_path, dim):

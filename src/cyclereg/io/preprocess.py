@@ -94,18 +94,24 @@ def resample(image: sitk.Image, grid: Geometry, nearest: bool = False, default: 
 
 
 def _antialias(image: sitk.Image, grid: Geometry) -> sitk.Image:
-    """Gaussian smoothing before resampling to a coarser grid: σ = half the new spacing (mm) along
-    axes whose spacing grows, by ITK's recursive (IIR) Gaussian, one axis at a time: its cost does not
-    grow with σ (a 1 mm 256³ brain for a 4 mm grid: 1.5 s on one thread, against 3.2 s for the
-    discrete kernel)."""
+    """Gaussian smoothing before resampling to a coarser grid: variance (new spacing / 2)² (mm²) along the
+    axes whose spacing grows. Where the new spacing is at least twice the old, blocks of ``f`` voxels
+    (``f`` the ratio's half, whole) are averaged first, which adds ``(f² − 1) s² / 12``; ITK's discrete
+    Gaussian adds the rest on the ``f``-times smaller image, a kernel of one or two of its voxels
+    (exact in variance, where the recursive Gaussian falls short below two voxels). A 1 mm 256³ brain
+    for a 4 mm grid: 0.2 s, against 1 s for the recursive Gaussian on the whole image, with two samples
+    still per new voxel for the linear resampling that follows."""
     source, target = np.asarray(image.GetSpacing()), np.asarray(grid.spacing)
-    if not (target > 1.01 * source).any():
+    coarser = target > 1.01 * source
+    if not coarser.any():
         return image
     out = sitk.Cast(image, sitk.sitkFloat32)
-    for axis, (s, t) in enumerate(zip(source, target)):
-        if t > 1.01 * s:
-            out = sitk.RecursiveGaussian(out, float(0.5 * t), False, sitk.RecursiveGaussianImageFilter.ZeroOrder, axis)
-    return out
+    factors = [max(1, int(t / (2 * s))) if c else 1 for s, t, c in zip(source, target, coarser)]
+    if max(factors) > 1:
+        out = sitk.BinShrink(out, factors)
+    variance = [(0.5 * t) ** 2 - (f * f - 1) * s * s / 12 if c else 0.0
+                for s, t, f, c in zip(source, target, factors, coarser)]
+    return sitk.DiscreteGaussian(out, [float(v) for v in variance], 32, 0.01, True)
 
 
 def intensity_bounds(array: np.ndarray, prep: Preprocessing, role: str = "image") -> tuple[float, float]:

@@ -12,14 +12,15 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 import torch
+import torch.nn.functional as F
 
 from cyclereg.core.atomic import atomic_path, check_output, incomplete_write, room_for
 from cyclereg.core.errors import DataError
-from cyclereg.io.images import save_image
+from cyclereg.io.images import Geometry, save_image
 from cyclereg.io.itk import itk_messages
 
 __all__ = ["is_transform_file", "read_transform", "read_affine", "affine_parts", "affine_transform", "write_transform",
-           "write_displacement", "displacement_transform"]
+           "write_displacement", "displacement_transform", "node_field_transform"]
 
 TRANSFORM_SUFFIXES = (".h5", ".hdf5", ".tfm", ".txt", ".mat")
 
@@ -86,10 +87,10 @@ def _parameter_bytes(transform: sitk.Transform) -> int:
 def write_transform(path, transform) -> None:
     """Write an ITK transform file atomically; a failed write is one error naming the file. ``transform``
     is a SimpleITK transform or a list of them, written as their composite (ITK's order: the last is
-    applied to points first). The room is checked first: ITK's HDF5 writer, cut short, takes the process
+    applied to points first; a list of one as that transform). The room is checked first: ITK's HDF5 writer, cut short, takes the process
     down as it exits. (Counted on the list's parts: reading a composite's parts back copies each.)"""
     if isinstance(transform, (list, tuple)):
-        parts, transform = list(transform), sitk.CompositeTransform(list(transform))
+        parts, transform = list(transform), (transform[0] if len(transform) == 1 else sitk.CompositeTransform(list(transform)))
     elif transform.GetName() == "CompositeTransform":
         composite = sitk.CompositeTransform(transform)
         parts = [composite.GetNthTransform(k) for k in range(composite.GetNumberOfTransforms())]
@@ -127,3 +128,21 @@ def displacement_transform(displacement: torch.Tensor, reference: sitk.Image) ->
     field = sitk.GetImageFromArray(array, isVector=True)
     field.CopyInformation(reference)
     return sitk.DisplacementFieldTransform(field)
+
+
+def node_field_transform(field: torch.Tensor, grid: Geometry) -> sitk.DisplacementFieldTransform:
+    """A map's displacement field on the nodes of ``grid``, ``(d, *grid shape)`` in the grid's domain units
+    (tensor order, :mod:`cyclereg.core.coords`), as an ITK displacement-field transform on that grid
+    (physical displacements, doubles). ITK interpolates it linearly between the nodes, as the map itself
+    does, so the file holds the map exactly at every point, in the field's own few nodes. One node of the
+    border values is added on every side: the map holds its border value beyond its outermost nodes
+    (border padding), and ITK gives no displacement outside a field's nodes; the extra nodes carry the
+    border value over the edge voxels of the image the grid was built on."""
+    linear = torch.tensor(grid.affine()[0], dtype=torch.float64)
+    physical = torch.einsum("ij,j...->i...", linear, field.detach().cpu().double())
+    padded = F.pad(physical[None], [1, 1] * grid.dim, mode="replicate")[0]
+    image = sitk.GetImageFromArray(padded.movedim(0, -1).numpy(), isVector=True)
+    image.SetSpacing(grid.spacing)
+    image.SetDirection(grid.direction)
+    image.SetOrigin(tuple(np.asarray(grid.origin, float) - grid.matrix() @ np.ones(grid.dim)))
+    return sitk.DisplacementFieldTransform(image)

@@ -30,12 +30,13 @@ from cyclereg.core.distributed import default_device
 from cyclereg.core.errors import DataError, UsageError
 from cyclereg.core.atomic import all_or_nothing
 from cyclereg.io.images import Geometry, image_to_tensor, read_image, save_image, write_image
-from cyclereg.io.transforms import (affine_parts, affine_transform, displacement_transform, is_transform_file, read_affine,
-                                    read_transform, write_displacement, write_transform)
+from cyclereg.io.transforms import (affine_parts, affine_transform, displacement_transform, is_transform_file,
+                                    node_field_transform, read_affine, read_transform, write_displacement,
+                                    write_transform)
 from cyclereg.core.label_metrics import folded_percent
 from cyclereg.core.metrics import folded
 from cyclereg.io.preprocess import Preprocessing, model_grid, prepare
-from cyclereg.core.transforms import Transform, sample
+from cyclereg.core.transforms import DisplacementField, Transform, sample
 from cyclereg.registration import networkfree
 from cyclereg.registration.fixed_grid import OnFixedGrid, on_fixed_grid
 from cyclereg.registration.instance import register_tensors
@@ -221,15 +222,25 @@ def warp_image(image: sitk.Image, points: torch.Tensor, nearest: bool = False) -
 
 def map_transform(reg: Registration, grid: OnFixedGrid) -> sitk.Transform:
     """The whole map as one ITK transform: the composite ``[T, D]`` (``T(D(x))``, ``D`` the model's
-    displacement field on the fixed grid) when the pair has an affine transform ``T``, else ``D``."""
+    displacement field, :func:`_field_part`) when the pair has an affine transform ``T``, else ``D``."""
     parts = _map_parts(reg, grid)
     return sitk.CompositeTransform(parts) if len(parts) > 1 else parts[0]
 
 
 def _map_parts(reg: Registration, grid: OnFixedGrid) -> list[sitk.Transform]:
-    if reg.pair.affine is None:
-        return [displacement_transform(grid.displacement[0], reg.pair.fixed)]
-    return [reg.pair.affine, displacement_transform(grid.aligned_displacement[0], reg.pair.fixed)]
+    field = _field_part(reg, reg.phi, lambda: grid.aligned_displacement[0])
+    return [field] if reg.pair.affine is None else [reg.pair.affine, field]
+
+
+def _field_part(reg: Registration, phi: Transform, at_fixed_voxels: Callable[[], torch.Tensor]) -> sitk.Transform:
+    """A model's map ``phi`` (fixed image's frame, before any affine stage) as an ITK displacement field.
+    Where ``phi`` is a field on the model grid (field refinement, registration without a network), on
+    that grid's nodes (:func:`~cyclereg.io.transforms.node_field_transform`): the same map exactly, in
+    64³ nodes rather than a 256³ image's voxels (7 MB, not 400 MB, to build and write). Otherwise (a
+    network's composed fields) the physical displacement ``at_fixed_voxels()`` on the fixed image's grid."""
+    if isinstance(phi, DisplacementField):
+        return node_field_transform(phi.field[0], reg.grid)
+    return displacement_transform(at_fixed_voxels(), reg.pair.fixed)
 
 
 def _voxel_points(image: sitk.Image, device=None) -> torch.Tensor:
@@ -239,15 +250,20 @@ def _voxel_points(image: sitk.Image, device=None) -> torch.Tensor:
 
 
 def inverse_composite(reg: Registration, device=None) -> sitk.Transform:
-    """The inverse of the whole map, ``Φ_BA∘T⁻¹``, as the composite ``[D_BA, T⁻¹]`` with ``D_BA`` on the
-    fixed grid. The methods are inverse consistent, so the model's reverse map stands for ``Φ⁻¹``."""
+    """The inverse of the whole map, ``Φ_BA∘T⁻¹``, as the composite ``[D_BA, T⁻¹]`` (``D_BA`` by
+    :func:`_field_part`). The methods are inverse consistent, so the model's reverse map stands for ``Φ⁻¹``."""
     return sitk.CompositeTransform(_inverse_parts(reg, device))
 
 
 def _inverse_parts(reg: Registration, device=None) -> list[sitk.Transform]:
-    x = _voxel_points(reg.pair.fixed, device)
-    y = reg.grid.to_physical(reg.reverse()(reg.grid.from_physical(x).float()).double())
-    return [displacement_transform((y - x)[0], reg.pair.fixed), reg.pair.reversed().affine]
+    reverse = reg.reverse()
+
+    def at_fixed_voxels() -> torch.Tensor:
+        x = _voxel_points(reg.pair.fixed, device)
+        return (reg.grid.to_physical(reverse(reg.grid.from_physical(x).float()).double()) - x)[0]
+
+    field, inverse_affine = _field_part(reg, reverse, at_fixed_voxels), reg.pair.reversed().affine
+    return [field] if inverse_affine is None else [field, inverse_affine]
 
 
 def inverse_displacement(reg: Registration, device=None) -> torch.Tensor:
@@ -298,16 +314,13 @@ def _write_each(reg, grid, summary, device, warped, transform, jacobian, warped_
     if jacobian:
         write_image(jacobian, grid.det_per_voxel(), pair.fixed, None)
 
-    def composite(path) -> bool:  # affine + displacement as one ITK composite transform
-        return pair.affine is not None and is_transform_file(path)
-
-    if transform:
-        if composite(transform):
+    if transform:  # a transform file: the map's parts (one composite); an image: one field on the fixed grid
+        if is_transform_file(transform):
             write_transform(transform, _map_parts(reg, grid))
         else:
             write_displacement(transform, grid.displacement[0], pair.fixed)
-    if transform_inverse:
-        if composite(transform_inverse):
+    if transform_inverse:  # without an affine stage a network's inverse is sampled on the moving grid
+        if is_transform_file(transform_inverse) and (pair.affine is not None or isinstance(reg.phi, DisplacementField)):
             write_transform(transform_inverse, _inverse_parts(reg, device))
         else:
             write_displacement(transform_inverse, inverse_displacement(reg, device), pair.moving)
