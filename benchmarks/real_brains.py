@@ -153,7 +153,10 @@ def _model_rows(args) -> dict:
     """Row name -> register options, for the model rows asked for."""
     if not args.model:
         return {}
-    name = {"default": "shipped model", "none": "no network (map optimised)"}.get(str(args.model), args.model.name)
+    from cyclereg.models.shipped import default_model
+
+    default = "shipped model" if default_model() is not None else "no --model (none ships: no network, map optimised)"
+    name = {"default": default, "none": "no network (map optimised)"}.get(str(args.model), args.model.name)
     rows = {f"cyclereg affine + {name}": []}
     if args.passes > 1:
         rows[f"cyclereg affine + {name}, {args.passes} passes"] = ["--passes", args.passes]

@@ -319,7 +319,7 @@ def _write_each(reg, grid, summary, device, warped, transform, jacobian, warped_
             write_transform(transform, _map_parts(reg, grid))
         else:
             write_displacement(transform, grid.displacement[0], pair.fixed)
-    if transform_inverse:  # without an affine stage a network's inverse is sampled on the moving grid
+    if transform_inverse:  # a network's inverse without an affine stage: sampled on the moving grid (reverse maps are of phi's kind)
         if is_transform_file(transform_inverse) and (pair.affine is not None or isinstance(reg.phi, DisplacementField)):
             write_transform(transform_inverse, _inverse_parts(reg, device))
         else:
