@@ -130,12 +130,9 @@ class Registration:
     def inverse(self):
         """The inverse map, moving points to fixed points (SimpleITK): the affine's inverse, then the
         model's reverse map (one more network run)."""
-        from cyclereg.io.transforms import displacement_transform
-        from cyclereg.registration.register import inverse_composite, inverse_displacement
+        from cyclereg.registration.register import inverse_transform
 
-        if self._reg.pair.affine is not None:
-            return inverse_composite(self._reg, self._device)
-        return displacement_transform(inverse_displacement(self._reg, self._device), self._reg.pair.moving)
+        return inverse_transform(self._reg, self._device)
 
     @property
     def jacobian(self):

@@ -19,8 +19,8 @@ from cyclereg.core.errors import DataError
 from cyclereg.io.images import Geometry, save_image
 from cyclereg.io.itk import itk_messages
 
-__all__ = ["is_transform_file", "read_transform", "read_affine", "affine_parts", "affine_transform", "write_transform",
-           "write_displacement", "displacement_transform", "node_field_transform"]
+__all__ = ["is_transform_file", "read_transform", "read_affine", "affine_parts", "affine_transform", "one_transform",
+           "write_transform", "write_displacement", "displacement_transform", "node_field_transform"]
 
 TRANSFORM_SUFFIXES = (".h5", ".hdf5", ".tfm", ".txt", ".mat")
 
@@ -84,13 +84,19 @@ def _parameter_bytes(transform: sitk.Transform) -> int:
     return 8 * (transform.GetNumberOfParameters() + transform.GetNumberOfFixedParameters())
 
 
+def one_transform(parts: list) -> sitk.Transform:
+    """ITK transforms as one: their composite (ITK's order: the last is applied to points first), or the
+    one transform itself."""
+    return parts[0] if len(parts) == 1 else sitk.CompositeTransform(list(parts))
+
+
 def write_transform(path, transform) -> None:
     """Write an ITK transform file atomically; a failed write is one error naming the file. ``transform``
-    is a SimpleITK transform or a list of them, written as their composite (ITK's order: the last is
-    applied to points first; a list of one as that transform). The room is checked first: ITK's HDF5 writer, cut short, takes the process
-    down as it exits. (Counted on the list's parts: reading a composite's parts back copies each.)"""
+    is a SimpleITK transform or a list of them (written as :func:`one_transform`). The room is checked
+    first: ITK's HDF5 writer, cut short, takes the process down as it exits. (Counted on the list's
+    parts: reading a composite's parts back copies each.)"""
     if isinstance(transform, (list, tuple)):
-        parts, transform = list(transform), (transform[0] if len(transform) == 1 else sitk.CompositeTransform(list(transform)))
+        parts, transform = list(transform), one_transform(transform)
     elif transform.GetName() == "CompositeTransform":
         composite = sitk.CompositeTransform(transform)
         parts = [composite.GetNthTransform(k) for k in range(composite.GetNumberOfTransforms())]

@@ -31,8 +31,8 @@ from cyclereg.core.errors import DataError, UsageError
 from cyclereg.core.atomic import all_or_nothing
 from cyclereg.io.images import Geometry, image_to_tensor, read_image, save_image, write_image
 from cyclereg.io.transforms import (affine_parts, affine_transform, displacement_transform, is_transform_file,
-                                    node_field_transform, read_affine, read_transform, write_displacement,
-                                    write_transform)
+                                    node_field_transform, one_transform, read_affine, read_transform,
+                                    write_displacement, write_transform)
 from cyclereg.core.label_metrics import folded_percent
 from cyclereg.core.metrics import folded
 from cyclereg.io.preprocess import Preprocessing, model_grid, prepare
@@ -42,7 +42,7 @@ from cyclereg.registration.fixed_grid import OnFixedGrid, on_fixed_grid
 from cyclereg.registration.instance import register_tensors
 from cyclereg.registration.tuning import NO_IO, InstanceOptimisation
 
-__all__ = ["Pair", "read_pair", "align", "warp_physical", "Registration", "model_inputs", "device_for", "register_pair", "map_physical", "sample_like_itk", "warp_image", "write_outputs",
+__all__ = ["Pair", "read_pair", "align", "warp_physical", "Registration", "model_inputs", "device_for", "register_pair", "map_physical", "inverse_transform", "sample_like_itk", "warp_image", "write_outputs",
            "register_files", "warp_file"]
 
 
@@ -223,8 +223,7 @@ def warp_image(image: sitk.Image, points: torch.Tensor, nearest: bool = False) -
 def map_transform(reg: Registration, grid: OnFixedGrid) -> sitk.Transform:
     """The whole map as one ITK transform: the composite ``[T, D]`` (``T(D(x))``, ``D`` the model's
     displacement field, :func:`_field_part`) when the pair has an affine transform ``T``, else ``D``."""
-    parts = _map_parts(reg, grid)
-    return sitk.CompositeTransform(parts) if len(parts) > 1 else parts[0]
+    return one_transform(_map_parts(reg, grid))
 
 
 def _map_parts(reg: Registration, grid: OnFixedGrid) -> list[sitk.Transform]:
@@ -249,28 +248,33 @@ def _voxel_points(image: sitk.Image, device=None) -> torch.Tensor:
     return g.to_physical(identity_grid(tuple(reversed(g.size)), device, torch.float64))
 
 
-def inverse_composite(reg: Registration, device=None) -> sitk.Transform:
-    """The inverse of the whole map, ``Φ_BA∘T⁻¹``, as the composite ``[D_BA, T⁻¹]`` (``D_BA`` by
-    :func:`_field_part`). The methods are inverse consistent, so the model's reverse map stands for ``Φ⁻¹``."""
-    return sitk.CompositeTransform(_inverse_parts(reg, device))
+def inverse_transform(reg: Registration, device=None) -> sitk.Transform:
+    """The inverse of the whole map, ``Φ_BA∘T⁻¹``, as one ITK transform (:func:`_inverse_parts`). The
+    methods are inverse consistent, so the model's reverse map stands for ``Φ⁻¹``."""
+    return one_transform(_inverse_parts(reg, device))
 
 
 def _inverse_parts(reg: Registration, device=None) -> list[sitk.Transform]:
+    """``[D_BA, T⁻¹]``, ``D_BA`` by :func:`_field_part` (``[D_BA]`` without an affine stage); a network's
+    inverse without an affine stage is one field sampled on the moving image's grid, the points it maps."""
     reverse = reg.reverse()
+    inverse_affine = reg.pair.reversed().affine
+    if inverse_affine is None and not isinstance(reverse, DisplacementField):
+        return [displacement_transform(inverse_displacement(reg, device, reverse), reg.pair.moving)]
 
     def at_fixed_voxels() -> torch.Tensor:
         x = _voxel_points(reg.pair.fixed, device)
         return (reg.grid.to_physical(reverse(reg.grid.from_physical(x).float()).double()) - x)[0]
 
-    field, inverse_affine = _field_part(reg, reverse, at_fixed_voxels), reg.pair.reversed().affine
+    field = _field_part(reg, reverse, at_fixed_voxels)
     return [field] if inverse_affine is None else [field, inverse_affine]
 
 
-def inverse_displacement(reg: Registration, device=None) -> torch.Tensor:
+def inverse_displacement(reg: Registration, device=None, reverse: Transform | None = None) -> torch.Tensor:
     """The inverse of the whole map as one displacement field ``(d, *moving shape)`` on the moving
-    image's grid (moving point + displacement = fixed point)."""
+    image's grid (moving point + displacement = fixed point); ``reverse``: ``reg.reverse()`` if computed."""
     x = _voxel_points(reg.pair.moving, device)
-    return (inverse_physical(reg, x, reg.reverse()) - x)[0]
+    return (inverse_physical(reg, x, reverse or reg.reverse()) - x)[0]
 
 
 def write_outputs(reg: Registration, device=None, warped=None, transform=None, jacobian=None, warped_labels=None,
@@ -319,8 +323,8 @@ def _write_each(reg, grid, summary, device, warped, transform, jacobian, warped_
             write_transform(transform, _map_parts(reg, grid))
         else:
             write_displacement(transform, grid.displacement[0], pair.fixed)
-    if transform_inverse:  # a network's inverse without an affine stage: sampled on the moving grid (reverse maps are of phi's kind)
-        if is_transform_file(transform_inverse) and (pair.affine is not None or isinstance(reg.phi, DisplacementField)):
+    if transform_inverse:
+        if is_transform_file(transform_inverse):
             write_transform(transform_inverse, _inverse_parts(reg, device))
         else:
             write_displacement(transform_inverse, inverse_displacement(reg, device), pair.moving)
