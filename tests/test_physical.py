@@ -257,11 +257,12 @@ def test_a_coarser_model_grid_is_smoothed_along_the_axes_it_coarsens_only():
 def test_the_antialiasing_blur_is_half_the_new_spacing_whatever_the_shrink():
     """The smoothing before a coarser grid adds a variance of (new spacing / 2)² along each axis it
     coarsens, whether blocks of voxels are averaged first (4 mm from 1 mm) or not (1.5 mm from 1 mm):
-    a Gaussian blob of σ 3 mm keeps its centre and comes out with variance 9 + (t / 2)² mm²."""
+    a Gaussian blob of σ 3 mm keeps its centre and comes out with variance 9 + (t / 2)² mm². A spacing a
+    rounding error below 4 mm (a 256 mm extent over 64 voxels) is still averaged in blocks of two."""
     from cyclereg.io.preprocess import _antialias
 
     x = np.arange(160.0)
-    for target in (4.0, 1.5):
+    for target in (4.0, 256 / 64 * (1 - 1e-16), 1.5):
         image = sitk.GetImageFromArray(np.exp(-0.5 * ((x - 70.3) / 3.0) ** 2)[None].repeat(8, 0).astype(np.float32))
         image.SetOrigin((-20.0, 5.0))
         grid = Geometry((40, 8), (target, 1.0), (0.0, 5.0), (1.0, 0.0, 0.0, 1.0))
@@ -272,3 +273,4 @@ def test_the_antialiasing_blur_is_half_the_new_spacing_whatever_the_shrink():
         variance = (values * (centres - mean) ** 2).sum() / values.sum()
         assert abs(mean - 50.3) < 0.05
         assert abs(variance - (9 + (target / 2) ** 2)) < 0.2, (target, variance)
+        assert out.GetSpacing()[0] == (2.0 if target > 3 else 1.0), (target, out.GetSpacing())

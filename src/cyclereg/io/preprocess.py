@@ -106,7 +106,8 @@ def _antialias(image: sitk.Image, grid: Geometry) -> sitk.Image:
     if not coarser.any():
         return image
     out = sitk.Cast(image, sitk.sitkFloat32)
-    factors = [max(1, int(t / (2 * s))) if c else 1 for s, t, c in zip(source, target, coarser)]
+    # whole blocks, with a tolerance: a 4 mm grid computed from a 256 mm extent is 3.9999999999999996 mm
+    factors = [max(1, int(t / (2 * s) + 1e-6)) if c else 1 for s, t, c in zip(source, target, coarser)]
     if max(factors) > 1:
         out = sitk.BinShrink(out, factors)
     variance = [(0.5 * t) ** 2 - (f * f - 1) * s * s / 12 if c else 0.0
