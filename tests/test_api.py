@@ -73,6 +73,22 @@ def test_the_transform_warps_with_simpleitk_as_the_registration_does(model_file,
     assert set(np.unique(sitk.GetArrayFromImage(warped_labels))) <= {0, 1}
 
 
+def test_a_label_map_on_its_own_grid_warps_through_physical_space(model_file, images):
+    """Labels of the moving space on a finer, shifted grid than the moving image's land where SimpleITK's
+    resampler puts them with the registration's transform (not read as if on the moving grid)."""
+    fixed, moving = sitk.ReadImage(str(images["fixed"])), sitk.ReadImage(str(images["moving"]))
+    result = cyclereg.register(fixed, moving, model_file)
+    own = sitk.Image([31, 29], sitk.sitkUInt8)
+    own.SetSpacing((0.55, 0.6))
+    own.SetOrigin((3.4, -1.3))
+    labels = sitk.Resample(sitk.Cast(moving > -0.1, sitk.sitkUInt8) + sitk.Cast(moving > 0.15, sitk.sitkUInt8),
+                           own, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+    expected = sitk.GetArrayFromImage(sitk.Resample(labels, fixed, result.transform, sitk.sitkNearestNeighbor, 0))
+    warped = sitk.GetArrayFromImage(result.warp(labels, nearest=True))
+    assert len(np.unique(expected)) == 3
+    assert (warped == expected).mean() > 0.97
+
+
 def test_write_writes_what_is_named_and_returns_the_summary(model_file, images, tmp_path):
     result = cyclereg.register(images["fixed"], images["moving"], model_file)
     summary = result.write(warped=tmp_path / "w.nii.gz", transform=tmp_path / "t.h5")

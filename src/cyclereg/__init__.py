@@ -109,7 +109,7 @@ class Registration:
         from cyclereg.registration.register import warp_image
 
         image = image if isinstance(image, sitk.Image) else read_image(image, "image")
-        points = Geometry.of(image).from_physical(self._grid.moving_physical.double())
+        points = self._grid.domain_of(Geometry.of(image))
         return to_image(warp_image(image, points, nearest), self.fixed, image.GetPixelID())
 
     @property

@@ -31,7 +31,7 @@ from cyclereg.core.metrics import dice_labels, dice_threshold, folded
 from cyclereg.io.preprocess import model_grid, prepare
 from cyclereg.registration import networkfree
 from cyclereg.registration.fixed_grid import on_fixed_grid
-from cyclereg.registration.register import align, device_for, map_physical, read_pair, register_pair, sample_like_itk, warp_physical
+from cyclereg.registration.register import align, device_for, map_physical, read_pair, register_pair, sample_like_itk, warp_labels
 from cyclereg.registration.tuning import NO_IO, InstanceOptimisation
 
 __all__ = ["parse_labels", "evaluate_csv"]
@@ -76,7 +76,7 @@ def _score_pair(model, info, row: dict, labels, tuning: InstanceOptimisation, af
         fixed_labels = sitk.GetArrayFromImage(read_image(row["fixed_labels"], "fixed_labels")).astype(np.int64)
         if fixed_labels.shape != tuple(reversed(g_fixed.size)):
             raise DataError(f"fixed_labels {row['fixed_labels']} does not have the fixed image's size")
-        warped = warp_physical(pair.moving_labels, grid.moving_physical, nearest=True)
+        warped = warp_labels(pair.moving_labels, grid)
         warped = warped.round().long().cpu().numpy()
         chosen = labels or sorted(int(v) for v in np.unique(fixed_labels) if v != 0)
         dice = dice_labels(torch.from_numpy(warped)[None], torch.from_numpy(fixed_labels)[None], chosen)[0].numpy()

@@ -58,6 +58,13 @@ class OnFixedGrid:
         """y = T(Φ(x)): the moving image's physical points the voxels map to."""
         return self._moving.to_physical(self.moving_domain)
 
+    def domain_of(self, image: Geometry) -> torch.Tensor:
+        """y in the ``[0, 1]`` domain of an image of the moving space (the moving image's label map): the
+        moving image's own domain points when ``image`` lies on its grid, else through physical space."""
+        if image == self._moving:
+            return self.moving_domain
+        return image.from_physical(self.moving_physical.double())
+
     @property
     def displacement(self) -> torch.Tensor:
         """The whole map's displacement ``y - x``, the affine transform folded in."""

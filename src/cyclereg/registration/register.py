@@ -42,7 +42,7 @@ from cyclereg.registration.fixed_grid import OnFixedGrid, on_fixed_grid
 from cyclereg.registration.instance import register_tensors
 from cyclereg.registration.tuning import NO_IO, InstanceOptimisation
 
-__all__ = ["Pair", "read_pair", "align", "warp_physical", "Registration", "model_inputs", "device_for", "register_pair", "map_physical", "inverse_transform", "sample_like_itk", "warp_image", "write_outputs",
+__all__ = ["Pair", "read_pair", "align", "Registration", "model_inputs", "device_for", "register_pair", "map_physical", "inverse_transform", "sample_like_itk", "warp_image", "warp_labels", "write_outputs",
            "register_files", "warp_file"]
 
 
@@ -139,11 +139,6 @@ def _check_labels_grid(labels: sitk.Image, moving: sitk.Image, name: str) -> Non
           file=sys.stderr)
 
 
-def warp_physical(image: sitk.Image, points: torch.Tensor, nearest: bool = False) -> torch.Tensor:
-    """``image`` at physical points ``(1, d, *S)`` of its own space, with ITK's rules (:func:`warp_image`)."""
-    return warp_image(image, Geometry.of(image).from_physical(points.double()), nearest)
-
-
 def model_inputs(pair: Pair, prep: Preprocessing, size=None) -> tuple[Geometry, torch.Tensor, torch.Tensor]:
     """The fixed image's model grid and both images prepared on it, the moving image through the
     pair's affine transform: ``(grid, moving, fixed)``."""
@@ -213,11 +208,16 @@ def sample_like_itk(image: torch.Tensor, points: torch.Tensor, geometry: Geometr
 
 
 def warp_image(image: sitk.Image, points: torch.Tensor, nearest: bool = False) -> torch.Tensor:
-    """``image`` at its domain ``points (1, d, *S)`` with ITK's rules: a tensor ``S`` (float64 when
-    ``nearest``, so that label values stay exact)."""
-    dtype = torch.float64 if nearest else torch.float32
-    values = image_to_tensor(image).to(points.device, dtype)
-    return sample_like_itk(values, points.to(dtype), Geometry.of(image), nearest)[0, 0]
+    """``image`` at its domain ``points (1, d, *S)`` with ITK's rules: a float32 tensor ``S`` (label values
+    exact up to 2²⁴ when ``nearest``)."""
+    values = image_to_tensor(image).to(points.device)
+    return sample_like_itk(values, points.float(), Geometry.of(image), nearest)[0, 0]
+
+
+def warp_labels(labels: sitk.Image, grid: OnFixedGrid) -> torch.Tensor:
+    """A label map of the moving space (on the moving image's grid or its own) at the fixed image's
+    voxels, nearest neighbour."""
+    return warp_image(labels, grid.domain_of(Geometry.of(labels)), nearest=True)
 
 
 def map_transform(reg: Registration, grid: OnFixedGrid) -> sitk.Transform:
@@ -298,7 +298,7 @@ def _write_each(reg, grid, summary, device, warped, transform, jacobian, warped_
     warped_image = warp_image(pair.moving, grid.moving_domain) if warped or figure else None
     warped_lab = None
     if pair.moving_labels is not None and (warped_labels or figure):
-        warped_lab = warp_physical(pair.moving_labels, grid.moving_physical, nearest=True)
+        warped_lab = warp_labels(pair.moving_labels, grid)
     if warped_labels:  # first: the one output that can still be refused (values its file cannot hold)
         if warped_lab is None:
             raise UsageError("--warped-labels needs --moving-labels")
