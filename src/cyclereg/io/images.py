@@ -254,10 +254,12 @@ class Geometry:
     def inside(self, points: torch.Tensor) -> torch.Tensor:
         """Where domain points fall inside the image as ITK's interpolators see it: continuous index
         in ``[-0.5, n - 0.5)`` along every axis. Returns a boolean ``(N, 1, *S)``."""
-        shape = torch.tensor(list(reversed(self.size)), dtype=points.dtype, device=points.device)
-        index = points * (shape - 1).view(1, -1, *([1] * (points.ndim - 2)))
-        upper = (shape - 0.5).view(1, -1, *([1] * (points.ndim - 2)))
-        return ((index >= -0.5) & (index < upper)).all(1, keepdim=True)
+        out = torch.ones_like(points[:, :1], dtype=torch.bool)
+        for k, n in enumerate(reversed(self.size)):  # the bounds in domain units: one comparison per axis
+            if n > 1:  # one voxel along an axis: every index rounds to it
+                p = points[:, k:k + 1]
+                out &= (p >= -0.5 / (n - 1)) & (p < (n - 0.5) / (n - 1))
+        return out
 
     def extent_volume(self) -> float:
         """Signed volume spanned by the voxel centres (direction handedness included)."""

@@ -204,7 +204,7 @@ def inverse_physical(reg: Registration, points: torch.Tensor, reverse: Transform
 def sample_like_itk(image: torch.Tensor, points: torch.Tensor, geometry: Geometry, nearest: bool = False) -> torch.Tensor:
     """``image (1, 1, *shape)`` at domain ``points`` with ITK's resampling rules (0 outside)."""
     values = sample(image, points.to(image.dtype), mode="nearest" if nearest else "bilinear")
-    return values * geometry.inside(points)
+    return values.masked_fill_(~geometry.inside(points), 0.0)
 
 
 def warp_image(image: sitk.Image, points: torch.Tensor, nearest: bool = False) -> torch.Tensor:
