@@ -3,7 +3,10 @@ benchmarks/real_brains.py, whole 1 mm images, after the affine stage) and copy i
 weights folder with its provenance in the header (commit, training subjects and steps, held-out scores),
 replacing the model of that name.
 
-    python benchmarks/ship_model.py runs/brain3d_real/model.safetensors [--name brain_t1] [--passes N]
+    python benchmarks/ship_model.py runs/brain3d_real/model.safetensors [--name brain_t1] [--passes N] [--io-field-steps N ...]
+
+The ``--io-*`` options given (those of ``cyclereg register``) are the instance optimisation the shipped model
+registers with by default: it is scored with them, and they go into its header (``cyclereg models`` lists them).
 
 Refuses a model whose training data include a held-out subject, and a dirty working tree (the commit
 would not say what trained it).
@@ -29,7 +32,11 @@ def main() -> None:
     p.add_argument("model", type=Path)
     p.add_argument("--name", default="brain_t1")
     p.add_argument("--passes", type=int, default=1)
+    from cyclereg.cli.common import add_io_options
+
+    add_io_options(p)
     args = p.parse_args()
+    tuning = {k: v for k, v in vars(args).items() if k.startswith("io_") and v is not None}
 
     import cyclereg
     from cyclereg.models.shipped import ship
@@ -48,12 +55,12 @@ def main() -> None:
                 for f, m in itertools.permutations(HELD_OUT, 2)]
         csv.write_text("fixed,moving,fixed_labels,moving_labels\n" + "\n".join(rows) + "\n")
         scores = cyclereg.evaluate(model, str(csv), labels=[int(v) for v in (SHARED / "brain" / "eval_labels.txt").read_text().split()],
-                                   passes=args.passes)
+                                   passes=args.passes, **tuning)
     provenance = {"commit": commit, "subjects": scans, "steps": model.info.training.get("steps"),
                   "heldout": {"subjects": list(HELD_OUT), "passes": args.passes,
                               **{k: scores[k] for k in ("n_pairs", "dice", "hd95", "folds_percent", "log_jacobian_std",
                                                         "ic_error", "seconds_per_pair") if k in scores}}}
-    out = ship(args.model, args.name, provenance)
+    out = ship(args.model, args.name, provenance, tuning={k[3:]: v for k, v in tuning.items()})
     print(f"shipped {out} ({out.stat().st_size / 2**20:.1f} MB): held-out Dice {scores['dice']:.3f} over {scores['n_pairs']} pairs")
 
 

@@ -72,3 +72,34 @@ def test_a_model_over_the_size_limit_is_not_shipped(folder, tmp_path, monkeypatc
     with pytest.raises(DataError, match="under 20 MB"):
         shipped.ship(_model_file(tmp_path / "m.safetensors"), "big", PROVENANCE)
     assert list(folder.iterdir()) == []
+
+
+def test_a_shipped_model_registers_with_its_own_instance_optimisation_unless_told_otherwise(folder, images, tmp_path, capsys):
+    out = shipped.ship(_model_file(tmp_path / "m.safetensors"), shipped.DEFAULT, PROVENANCE, tuning={"field_steps": 20, "field_lr": 0.5})
+    assert json.loads(read_header(out)["tuning"]) == {"field_steps": 20, "field_lr": 0.5}
+    assert main(["models"]) == 0
+    assert "registers with --io-field-steps 20, --io-field-lr 0.5 unless told otherwise" in capsys.readouterr().out
+
+    def warped(*options):
+        argv = ["register", "--fixed", str(images["fixed"]), "--moving", str(images["moving"]), "--affine", "none",
+                "--warped", str(tmp_path / "w.mha"), "--device", "cpu", *options]
+        assert main(argv) == 0
+        return sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "w.mha")))
+
+    default = warped()
+    as_told = sitk.GetArrayFromImage(cyclereg.register(images["fixed"], images["moving"], str(tmp_path / "m.safetensors"),
+                                                       affine="none", io_field_steps=20, io_field_lr=0.5).warped)
+    np.testing.assert_allclose(default, as_told, atol=1e-5)  # the header's settings, over the plain model's
+    plain = warped("--io-field-steps", "0")  # an option given overrides the model's own
+    assert np.abs(plain - default).max() > 1e-3
+    from_api = cyclereg.register(images["fixed"], images["moving"], affine="none", io_field_steps=0).warped
+    np.testing.assert_allclose(sitk.GetArrayFromImage(from_api), plain, atol=1e-5)
+
+
+def test_a_model_whose_header_names_an_unknown_setting_is_refused(folder, images, tmp_path, capsys):
+    shipped.ship(_model_file(tmp_path / "m.safetensors"), shipped.DEFAULT, PROVENANCE, tuning={"field_stepz": 20})
+    argv = ["register", "--fixed", str(images["fixed"]), "--moving", str(images["moving"]), "--affine", "none",
+            "--warped", str(tmp_path / "w.mha"), "--device", "cpu"]
+    assert main(argv) == 1
+    assert "header 'tuning' names 'field_stepz'" in capsys.readouterr().err
+    assert not (tmp_path / "w.mha").exists()

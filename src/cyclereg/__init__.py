@@ -60,15 +60,16 @@ def _runner(model, passes: int, options: dict):
     from cyclereg.registration.register import device_for
 
     network, info = _as_model(model)
-    tuning = _tuning(options, network)
+    tuning = _tuning(options, network, info)
     if passes < 1 or (network is None and passes > 1):
         raise UsageError(f"passes: expected at least 1 (1 without a network), got {passes}")
     return Passes(network, passes) if passes > 1 else network, info, tuning, device_for(network)
 
 
-def _tuning(options: dict, network):
+def _tuning(options: dict, network, info):
     """The instance optimisation of ``io_*`` keyword options (the CLI's ``--io-*``), checked; those not
-    given take a model's defaults, or without a network those of :mod:`cyclereg.registration.networkfree`."""
+    given take the model's defaults (its own where its file holds them), or without a network those of
+    :mod:`cyclereg.registration.networkfree`."""
     import dataclasses
 
     from cyclereg.core.errors import UsageError
@@ -78,7 +79,7 @@ def _tuning(options: dict, network):
     unknown = sorted(set(options) - names)
     if unknown:
         raise UsageError(f"unknown option {unknown[0]!r}; expected some of passes, {', '.join(sorted(names))}")
-    return settings({k[3:]: v for k, v in options.items()}, networkfree=network is None)
+    return settings({k[3:]: v for k, v in options.items()}, info, networkfree=network is None)
 
 
 class Registration:

@@ -14,13 +14,14 @@ PASSES_HELP = ("run the model this many times, each pass on the moving image war
 
 def add_io_options(parser):
     """Instance optimisation per pair: the weights (``--io-*``), then the map (``--io-field-*``). The defaults
-    are a model's (:data:`~cyclereg.registration.tuning.NO_IO`) or, with ``--model none``, those of
+    are a model's own where its file holds them (a shipped model's, ``cyclereg models``), else those of
+    :data:`~cyclereg.registration.tuning.NO_IO`, or with ``--model none`` those of
     :data:`~cyclereg.registration.tuning.NETWORK_FREE`; :func:`tuning_of` fills in the ones not given."""
     from cyclereg.registration.tuning import NETWORK_FREE as free, NO_IO as d
 
     def default(name):
         a, b = getattr(d, name), getattr(free, name)
-        return f"(default: {a}" + (f"; with --model none: {b})" if a != b else ")")
+        return f"(default: {a}, or the model's own: cyclereg models" + (f"; with --model none: {b})" if a != b else ")")
 
     parser.add_argument("--io-steps", type=int, help="instance optimisation: Adam steps on the model's "
                         f"weights for each pair, on its training loss {default('steps')}")
@@ -94,14 +95,15 @@ def load(args, device=None):
     return model, info
 
 
-def tuning_of(args, networkfree: bool = False):
-    """The instance optimisation asked for by the ``--io-*`` options; those not given take a model's
-    defaults, or with ``networkfree`` (``--model none``) those of registration without a network."""
+def tuning_of(args, info=None, networkfree: bool = False):
+    """The instance optimisation asked for by the ``--io-*`` options; those not given take the defaults of
+    the model of ``info`` (its own where its file has them), or with ``networkfree`` (``--model none``) those of
+    registration without a network."""
     import dataclasses
 
     from cyclereg.registration.tuning import InstanceOptimisation, settings
 
-    return settings({f.name: getattr(args, f"io_{f.name}") for f in dataclasses.fields(InstanceOptimisation)}, networkfree)
+    return settings({f.name: getattr(args, f"io_{f.name}") for f in dataclasses.fields(InstanceOptimisation)}, info, networkfree)
 
 
 def passes(args, model):

@@ -51,7 +51,7 @@ def run(args) -> int:
         labels, affine = parse_labels(args.labels), csv_affine(args)
         with distributed.session(device_of(args.device)) as ctx:  # under torchrun: the pairs are split across processes
             model, info = load(args, ctx.device)
-            tuning = tuning_of(args, networkfree=model is None)
+            tuning = tuning_of(args, info, networkfree=model is None)
             model = passes(args, model)
             summary = evaluate_csv(model, info, args.pairs_csv, tuning=tuning,
                                    labels=labels, per_pair=args.per_pair, ctx=ctx, affine=affine,
@@ -65,7 +65,7 @@ def run(args) -> int:
         if model is None:
             raise UsageError("--model none registers image files: use --pairs-csv (--dataset scores a model on its "
                              "kind of data)")
-        tuning = tuning_of(args)
+        tuning = tuning_of(args, info)
         summary = evaluate_dataset(passes(args, model), info, args.dataset, args.root, args.digit, args.size,
                                    args.split, args.pairs, args.seed, tuning)
     text = json.dumps(summary, indent=2)

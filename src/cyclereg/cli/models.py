@@ -25,8 +25,9 @@ def run(args) -> int:
             print(json.dumps(info))
             continue
         scores = info.get("heldout", {})
+        tuning = ", ".join(f"--io-{k.replace('_', '-')} {v}" for k, v in info["tuning"].items()) or "none"
         print(f"{name}{' (default)' if name == DEFAULT else ''}: {info['method']}, {info['dim']}D, "
               f"{info['spacing_mm']} mm grid, {info['megabytes']} MB, commit {info.get('commit', '?')}, "
               f"trained on {len(info.get('subjects', []))} subjects for {info.get('steps', '?')} steps; "
-              f"held-out: {json.dumps(scores)}")
+              f"registers with {tuning} unless told otherwise; held-out: {json.dumps(scores)}")
     return 0

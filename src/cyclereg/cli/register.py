@@ -68,7 +68,7 @@ def run(args) -> int:
                    "--warped-labels": args.warped_labels, "--jacobian": args.jacobian, "--figure": args.figure})
     device = device_of(args.device)
     model, info = load(args, device)
-    tuning = tuning_of(args, networkfree=model is None)
+    tuning = tuning_of(args, info, networkfree=model is None)
     model = passes(args, patchwise(args, model, info))
     summary = register_files(model, info, args.fixed, args.moving, warped=args.warped, transform=args.transform,
                              jacobian=args.jacobian, moving_labels=args.moving_labels,
@@ -91,7 +91,7 @@ def register_pairs_csv(args) -> int:
     # Under torchrun the pairs are split across processes; they never need to talk, so no process group.
     ctx = distributed.environment(device_of(args.device))
     model, info = load(args, ctx.device)
-    tuning = tuning_of(args, networkfree=model is None)
+    tuning = tuning_of(args, info, networkfree=model is None)
     model = passes(args, patchwise(args, model, info))
     outputs = [o.strip() for o in args.outputs.split(",") if o.strip()]
     for summary in register_csv(model, info, args.pairs_csv, args.out_dir, outputs, tuning,

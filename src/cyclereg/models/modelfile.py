@@ -5,6 +5,8 @@ Header keys (all strings, as safetensors stores them): ``format`` (``"cyclereg-m
 ``shape`` (the model grid's shape in training, tensor order), ``preprocess`` (the preprocessing of
 :class:`~cyclereg.io.preprocess.Preprocessing` as JSON: intensity normalisation, model spacing, padding)
 ``training`` (what the model was trained on and for how long, as JSON; absent in older files),
+``tuning`` (the instance optimisation it registers with by default, field name -> value of
+:class:`~cyclereg.registration.tuning.InstanceOptimisation`; only where chosen for it, as for a shipped model),
 ``provenance`` (a shipped model's commit, training subjects and held-out scores, as JSON; only in shipped
 models, :mod:`cyclereg.models.shipped`) and ``weights_sha256``. Format version 1 (before ``preprocess``) had ``intensity``, the input range.
 The format is described for users in ``docs/model_format.md``.
@@ -41,6 +43,7 @@ class ModelInfo:
     preprocess: Preprocessing = Preprocessing()
     training: dict = field(default_factory=dict)  # data summary, steps, processes, data wait, final held-out scores
     field_units: str = "voxels"  # how the networks' outputs are read (methods.Step); "domain" before format 3
+    tuning: dict = field(default_factory=dict)  # the model's own instance optimisation defaults (registration.tuning.defaults)
 
     @property
     def dim(self) -> int:
@@ -80,6 +83,7 @@ def save_model(path, model: RegistrationModel, info: ModelInfo, provenance: dict
         "training": json.dumps(info.training),
         "field_units": info.field_units,
         "weights_sha256": weights_digest(tensors),
+        **({"tuning": json.dumps(info.tuning)} if info.tuning else {}),
         **({"provenance": json.dumps(provenance)} if provenance else {}),
     }
     with atomic_path(path) as tmp:
@@ -119,7 +123,10 @@ def load_model(path, device="cpu") -> tuple[RegistrationModel, ModelInfo]:
         else:
             prep = Preprocessing.from_dict(json.loads(meta["preprocess"]))
         info = ModelInfo(config_from_dict(json.loads(meta["config"])), tuple(json.loads(meta["shape"])), prep,
-                         json.loads(meta.get("training", "{}")), meta.get("field_units", "domain"))
+                         json.loads(meta.get("training", "{}")), meta.get("field_units", "domain"),
+                         json.loads(meta.get("tuning", "{}")))
+        if not isinstance(info.tuning, dict):
+            raise ValueError(f"its 'tuning' is {type(info.tuning).__name__}, expected a JSON object")
         model = build_from_info(info)
         model.load_state_dict(tensors)
     except (CycleregError, KeyError, ValueError, RuntimeError, TypeError) as err:

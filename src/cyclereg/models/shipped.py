@@ -33,20 +33,23 @@ def default_model(folder: Path | None = None) -> Path | None:
 
 
 def describe(path: Path) -> dict:
-    """What a shipped model's header says: its name, size, method, grid and provenance."""
+    """What a shipped model's header says: its name, size, method, grid, default instance optimisation and provenance."""
     header = read_header(path)
     config = json.loads(header.get("config", "{}"))
     provenance = json.loads(header.get("provenance", "{}"))
     preprocess = json.loads(header.get("preprocess", "{}"))
     return {"name": path.name.removesuffix(".safetensors"), "file": str(path), "megabytes": round(path.stat().st_size / 2**20, 2),
             "method": config.get("model", {}).get("method"), "dim": int(header.get("dim", 0)),
-            "spacing_mm": preprocess.get("spacing"), "cyclereg_version": header.get("cyclereg_version"), **provenance}
+            "spacing_mm": preprocess.get("spacing"), "cyclereg_version": header.get("cyclereg_version"),
+            "tuning": json.loads(header.get("tuning", "{}")), **provenance}
 
 
-def ship(source, name: str, provenance: dict, folder: Path | None = None) -> Path:
+def ship(source, name: str, provenance: dict, folder: Path | None = None, tuning: dict | None = None) -> Path:
     """Copy the model file ``source`` into the shipped folder as ``name``, with ``provenance`` in its header
-    (replacing an earlier model of that name). Refuses a file over 20 MB."""
+    (replacing an earlier model of that name) and ``tuning``, the instance optimisation it registers with
+    by default (field name -> value; chosen on the held-out pairs it was scored on). Refuses a file over 20 MB."""
     model, info = load_model(source)
+    info.tuning = dict(tuning or {})
     folder = FOLDER if folder is None else folder
     folder.mkdir(parents=True, exist_ok=True)
     out = folder / f"{name}.safetensors"
