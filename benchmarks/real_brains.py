@@ -6,13 +6,14 @@ note when antspyx is not installed, see requirements-reference.txt) and, with ``
 defaults, which include its own affine stage); ``cyclereg affine`` with NCC and with MI; with ``--model M``,
 ``cyclereg register --model M`` (its affine stage, then the model; ``--model default``: the shipped model, or no
 network where none ships; ``--model none``: no network, the map optimised on each pair), in one
-pass and, as asked, with ``--passes``, ``--io-steps`` and ``--io-field-steps`` (a row each). Columns: Dice over ``brain/eval_labels.txt`` (warped moving
+pass and, as asked, with ``--passes``, ``--io-steps`` and ``--io-field-steps`` (a row each); with ``--no-network`` also
+without a network (``--model none``), in the same run. Columns: Dice over ``brain/eval_labels.txt`` (warped moving
 aseg, nearest neighbour, against the fixed aseg), HD95 (mm), % of brain voxels (fixed aseg > 0) with
 det J <= 0, SDlogJ there, seconds per pair (the command's wall time, files in and out), peak memory of
 the command (RSS). A figure of the first pair: fixed, moving, after affine, after the model.
 ITK (in ANTs and SimpleITK) and torch run on one thread each, as cyclereg's affine stage does.
 
-    python benchmarks/real_brains.py [--syn] [--pairs N] [--model MODEL|default [--passes N] [--io-steps N] [--io-field-steps N]]
+    python benchmarks/real_brains.py [--syn] [--pairs N] [--model MODEL|default [--passes N] [--io-steps N] [--io-field-steps N]] [--no-network]
     python benchmarks/real_brains.py --shell 3     # one pair from the shell, as a user runs it, every core
 
 The held-out subjects (``HELD_OUT``) are kept out of all training (issue 19 uses the same ones).
@@ -150,22 +151,25 @@ def _cyclereg_model(fixed: Path, moving: Path, moving_aseg: Path, out: Path, mod
 
 
 def _model_rows(args) -> dict:
-    """Row name -> register options, for the model rows asked for."""
-    if not args.model:
-        return {}
-    from cyclereg.models.shipped import default_model
+    """Row name -> ``(model, register options)`` for the model rows asked for (model None: no ``--model``)."""
+    rows = {}
+    if args.model:
+        from cyclereg.models.shipped import default_model
 
-    default = "shipped model" if default_model() is not None else "no --model (none ships: no network, map optimised)"
-    name = {"default": default, "none": "no network (map optimised)"}.get(str(args.model), args.model.name)
-    rows = {f"cyclereg affine + {name}": []}
-    if args.passes > 1:
-        rows[f"cyclereg affine + {name}, {args.passes} passes"] = ["--passes", args.passes]
-    if args.io_steps:
-        rows[f"cyclereg affine + {name}, --io-steps {args.io_steps}"] = ["--io-steps", args.io_steps]
-    if args.io_field_steps:
-        refine = ["--io-field-steps", args.io_field_steps] + (["--io-field-downsample", args.io_field_downsample]
-                                                             if args.io_field_downsample else [])
-        rows[f"cyclereg affine + {name}, {' '.join(map(str, refine))}"] = refine
+        default = "shipped model" if default_model() is not None else "no --model (none ships: no network, map optimised)"
+        name = {"default": default, "none": "no network (map optimised)"}.get(str(args.model), args.model.name)
+        model = None if args.model == Path("default") else args.model
+        rows[f"cyclereg affine + {name}"] = (model, [])
+        if args.passes > 1:
+            rows[f"cyclereg affine + {name}, {args.passes} passes"] = (model, ["--passes", args.passes])
+        if args.io_steps:
+            rows[f"cyclereg affine + {name}, --io-steps {args.io_steps}"] = (model, ["--io-steps", args.io_steps])
+        if args.io_field_steps is not None:  # 0 too: the row without the map refinement a model may do by default
+            refine = ["--io-field-steps", args.io_field_steps] + (["--io-field-downsample", args.io_field_downsample]
+                                                                 if args.io_field_downsample else [])
+            rows[f"cyclereg affine + {name}, {' '.join(map(str, refine))}"] = (model, refine)
+    if args.no_network and args.model != Path("none"):
+        rows["cyclereg affine + no network (--model none, map optimised)"] = (Path("none"), [])
     return rows
 
 
@@ -177,8 +181,10 @@ def main() -> None:
                    "('default': no --model, the shipped model; 'none': without a network)")
     p.add_argument("--passes", type=int, default=1, help="--model: also a row with this many --passes")
     p.add_argument("--io-steps", type=int, default=0, help="--model: also a row with this many --io-steps")
-    p.add_argument("--io-field-steps", type=int, default=0, help="--model: also a row with this many --io-field-steps")
+    p.add_argument("--io-field-steps", type=int, default=None, help="--model: also a row with this many --io-field-steps "
+                   "(0: a row without the field refinement that a model may do by default)")
     p.add_argument("--io-field-downsample", type=int, default=0, help="--io-field-steps: with this --io-field-downsample")
+    p.add_argument("--no-network", action="store_true", help="also a row without a network (--model none)")
     p.add_argument("--shell", type=int, default=0, metavar="N", help="instead: time the issue's command on one pair "
                    "from the shell N times, with every core (the default model, files in and out)")
     args = p.parse_args()
@@ -208,9 +214,8 @@ def main() -> None:
             with tempfile.TemporaryDirectory() as tmp:
                 out = Path(tmp)
                 if method in model_rows:
-                    model = None if args.model == Path("default") else args.model
                     warped_aseg, det, seconds, peak = _cyclereg_model(fixed, moving, BRAINS / f"{moving_name}_aseg.nii.gz", out,
-                                                                      model, model_rows[method])
+                                                                      *model_rows[method])
                 elif method.startswith("cyclereg"):
                     transform, det, seconds, peak = _cyclereg_affine(fixed, moving, out, "mi" if "MI" in method else "ncc")
                     warped_aseg = sitk.Resample(moving_aseg, fixed_aseg, transform, sitk.sitkNearestNeighbor, 0)
