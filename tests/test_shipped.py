@@ -103,3 +103,30 @@ def test_a_model_whose_header_names_an_unknown_setting_is_refused(folder, images
     assert main(argv) == 1
     assert "header 'tuning' names 'field_stepz'" in capsys.readouterr().err
     assert not (tmp_path / "w.mha").exists()
+
+
+def test_a_wheel_carries_the_shipped_models(tmp_path):
+    """A model in the weights folder goes into a wheel built from the source tree, not only into an editable
+    install (pyproject's package data)."""
+    import shutil
+    import subprocess
+    import sys
+    import zipfile
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    source = tmp_path / "source"
+    shutil.copytree(root / "src", source / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(root / name, source / name)
+    weights = source / "src" / "cyclereg" / "models" / "weights"
+    weights.mkdir(exist_ok=True)
+    _model_file(weights / "test_model.safetensors")
+    done = subprocess.run([sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "--no-build-isolation",
+                           "-q", "-w", str(tmp_path / "dist")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    (wheel,) = (tmp_path / "dist").glob("cyclereg-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "cyclereg/models/weights/test_model.safetensors" in names
+    shipped_here = sorted(p.name for p in shipped.FOLDER.glob("*.safetensors"))
+    assert all(f"cyclereg/models/weights/{name}" in names for name in shipped_here)
