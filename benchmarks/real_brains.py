@@ -44,8 +44,18 @@ HELD_OUT = ("fs01", "fs02", "niivue")  # labelled, two sources (adni_like's aseg
 BRAINS = SHARED / "brains"
 
 
-def _labels() -> list[int]:
+def eval_labels() -> list[int]:
     return [int(v) for v in (SHARED / "brain" / "eval_labels.txt").read_text().split()]
+
+
+def pairs_csv(path: Path, affines: dict | None = None) -> Path:
+    """Every directed held-out pair as a pairs CSV for ``cyclereg evaluate`` at ``path``: the scans and their
+    asegs, and with ``affines`` ((fixed, moving) names -> transform file) a column ``affine``."""
+    rows = [[BRAINS / f"{f}_t1.nii.gz", BRAINS / f"{m}_t1.nii.gz", BRAINS / f"{f}_aseg.nii.gz", BRAINS / f"{m}_aseg.nii.gz",
+             *([affines[f, m]] if affines else [])] for f, m in itertools.permutations(HELD_OUT, 2)]
+    header = "fixed,moving,fixed_labels,moving_labels" + (",affine" if affines else "")
+    path.write_text("\n".join([header, *(",".join(map(str, row)) for row in rows)]) + "\n")
+    return path
 
 
 _WRAP = ("import resource, subprocess, sys; code = subprocess.run(sys.argv[1:]).returncode; "
@@ -190,7 +200,7 @@ def main() -> None:
     args = p.parse_args()
     if args.shell:
         return _shell(args.shell)
-    labels = _labels()
+    labels = eval_labels()
     pairs = list(itertools.permutations(HELD_OUT, 2))[: args.pairs]
     try:
         import ants

@@ -15,7 +15,6 @@ would not say what trained it).
 from __future__ import annotations
 
 import argparse
-import itertools
 import subprocess
 import sys
 import tempfile
@@ -23,8 +22,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import ROOT, SHARED  # noqa: E402
-from real_brains import BRAINS, HELD_OUT  # noqa: E402
+from common import ROOT  # noqa: E402
+from real_brains import HELD_OUT, eval_labels, pairs_csv  # noqa: E402
 
 
 def main() -> None:
@@ -50,12 +49,8 @@ def main() -> None:
         raise SystemExit("the working tree has uncommitted changes; commit first")
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     with tempfile.TemporaryDirectory() as tmp:
-        csv = Path(tmp) / "pairs.csv"
-        rows = [f"{BRAINS}/{f}_t1.nii.gz,{BRAINS}/{m}_t1.nii.gz,{BRAINS}/{f}_aseg.nii.gz,{BRAINS}/{m}_aseg.nii.gz"
-                for f, m in itertools.permutations(HELD_OUT, 2)]
-        csv.write_text("fixed,moving,fixed_labels,moving_labels\n" + "\n".join(rows) + "\n")
-        scores = cyclereg.evaluate(model, str(csv), labels=[int(v) for v in (SHARED / "brain" / "eval_labels.txt").read_text().split()],
-                                   passes=args.passes, **tuning)
+        csv = pairs_csv(Path(tmp) / "pairs.csv")
+        scores = cyclereg.evaluate(model, str(csv), labels=eval_labels(), passes=args.passes, **tuning)
     provenance = {"commit": commit, "subjects": scans, "steps": model.info.training.get("steps"),
                   "heldout": {"subjects": list(HELD_OUT), "passes": args.passes,
                               **{k: scores[k] for k in ("n_pairs", "dice", "hd95", "folds_percent", "log_jacobian_std",

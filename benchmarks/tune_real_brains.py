@@ -23,8 +23,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import SHARED, append_report  # noqa: E402
-from real_brains import BRAINS, HELD_OUT  # noqa: E402
+from common import append_report  # noqa: E402
+from real_brains import BRAINS, HELD_OUT, eval_labels, pairs_csv  # noqa: E402
 
 
 def parse_setting(text: str) -> dict:
@@ -38,22 +38,18 @@ def parse_setting(text: str) -> dict:
 
 
 def affine_pairs(folder: Path) -> Path:
-    """A pairs CSV of the held-out pairs with each pair's affine transform, found once, in ``folder``."""
+    """A pairs CSV of the held-out pairs with each pair's affine transform, found once as ``register`` finds it, in ``folder``."""
     import SimpleITK as sitk
 
-    from cyclereg.registration.affine import affine_register
+    from cyclereg.registration.register import align, read_pair
 
-    rows = []
+    affines = {}
     for fixed, moving in itertools.permutations(HELD_OUT, 2):
-        images = [sitk.ReadImage(str(BRAINS / f"{name}_t1.nii.gz"), sitk.sitkFloat32) for name in (fixed, moving)]
-        affine = folder / f"{fixed}_{moving}.tfm"
-        sitk.WriteTransform(affine_register(*images).transform(), str(affine))
-        rows.append(f"{BRAINS}/{fixed}_t1.nii.gz,{BRAINS}/{moving}_t1.nii.gz,{BRAINS}/{fixed}_aseg.nii.gz,"
-                    f"{BRAINS}/{moving}_aseg.nii.gz,{affine}")
+        affines[fixed, moving] = folder / f"{fixed}_{moving}.tfm"
+        pair = align(read_pair(BRAINS / f"{fixed}_t1.nii.gz", BRAINS / f"{moving}_t1.nii.gz"))
+        sitk.WriteTransform(pair.affine, str(affines[fixed, moving]))
         print(f"affine {moving} -> {fixed} done", flush=True)
-    csv = folder / "pairs.csv"
-    csv.write_text("fixed,moving,fixed_labels,moving_labels,affine\n" + "\n".join(rows) + "\n")
-    return csv
+    return pairs_csv(folder / "pairs.csv", affines)
 
 
 def main() -> None:
@@ -66,7 +62,7 @@ def main() -> None:
     import cyclereg
 
     model = args.model if args.model == "none" else cyclereg.load_model(args.model, "cpu")
-    labels = [int(v) for v in (SHARED / "brain" / "eval_labels.txt").read_text().split()]
+    labels = eval_labels()
     name = "no network" if args.model == "none" else Path(args.model).name
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

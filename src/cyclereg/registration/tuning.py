@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from cyclereg.core.errors import DataError, UsageError
 
-__all__ = ["InstanceOptimisation", "NO_IO", "NETWORK_FREE", "defaults", "from_header", "settings", "check_networkfree"]
+__all__ = ["InstanceOptimisation", "NO_IO", "NETWORK_FREE", "defaults", "settings", "check_networkfree"]
 
 
 @dataclass(frozen=True)
@@ -58,22 +58,18 @@ NO_IO = InstanceOptimisation()
 NETWORK_FREE = InstanceOptimisation(field_steps=50, field_lr=0.1, field_weight=3.0, field_downsample=2)
 
 
-def from_header(raw: dict) -> InstanceOptimisation:
-    """A model file's own defaults (its header's ``tuning``: field name -> value) over :data:`NO_IO`, checked."""
-    unknown = sorted(set(raw) - {f.name for f in dataclasses.fields(InstanceOptimisation)})
-    if unknown:
-        raise DataError(f"the model file's header 'tuning' names {unknown[0]!r}, which is not an instance optimisation setting")
-    try:
-        return dataclasses.replace(NO_IO, **raw)
-    except UsageError as err:
-        raise DataError(f"the model file's header 'tuning' is not valid: {err}") from None
-
-
 def defaults(info=None) -> InstanceOptimisation:
     """What registration with a model of ``info`` (:class:`~cyclereg.models.modelfile.ModelInfo`) does when no
     ``--io-*`` option is given: the model's own settings, chosen on held-out pairs when it was shipped and
-    kept in its file (``info.tuning``), else :data:`NO_IO`."""
-    return from_header(info.tuning) if info is not None and info.tuning else NO_IO
+    kept in its file (``info.tuning``: field name -> value, checked here), else :data:`NO_IO`."""
+    own = info.tuning if info is not None else {}
+    unknown = sorted(set(own) - {f.name for f in dataclasses.fields(InstanceOptimisation)})
+    if unknown:
+        raise DataError(f"the model file's header 'tuning' names {unknown[0]!r}, which is not an instance optimisation setting")
+    try:
+        return dataclasses.replace(NO_IO, **own)
+    except UsageError as err:
+        raise DataError(f"the model file's header 'tuning' is not valid: {err}") from None
 
 
 def settings(given: dict, info=None, networkfree: bool = False) -> InstanceOptimisation:
