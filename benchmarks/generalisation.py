@@ -100,7 +100,7 @@ def main() -> None:
             f"Dice over its {n_labels} labels on that grid, box LNCC loss (lower is better); refinement: the settings of "
             "registration without a network.\n\n" + "\n".join(lines))
     print(body)
-    append_report(f"Real brains: does the model generalise to new subjects? {Path(args.model).name} (benchmarks/generalisation.py)", body)
+    append_report(f"Real brains: does the model generalise to new subjects? {args.model} (benchmarks/generalisation.py)", body)
 
 
 if __name__ == "__main__":
