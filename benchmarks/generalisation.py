@@ -48,11 +48,6 @@ def score_pairs(model, images, labels, n_labels: int) -> dict[str, tuple[float, 
     from cyclereg.registration.refine import WINDOW, refine_as
     from cyclereg.registration.tuning import NETWORK_FREE
 
-    def score(phi, i, j):
-        warped = warp(labels[i].float(), phi, mode="nearest").round().long()
-        dice = dice_labels(warped[:, 0], labels[j][:, 0], range(1, n_labels + 1))[0].nanmean()
-        return float(dice), float(lncc_box_to(images[j], WINDOW)(warp(images[i], phi)).mean())
-
     rows = {}
     for i, j in itertools.permutations(range(len(images)), 2):
         m, f = images[i], images[j]
@@ -61,8 +56,11 @@ def score_pairs(model, images, labels, n_labels: int) -> dict[str, tuple[float, 
         maps = {"affine alone": Identity(), "network": net,
                 "refinement, no network": refine_as(NETWORK_FREE, Identity(), m, f),
                 "network + refinement": refine_as(NETWORK_FREE, net, m, f)}
+        similarity = lncc_box_to(f, WINDOW)  # the fixed image's window sums, once per pair
         for name, phi in maps.items():
-            rows.setdefault(name, []).append(score(phi, i, j))
+            warped = warp(labels[i].float(), phi, mode="nearest").round().long()
+            dice = dice_labels(warped[:, 0], labels[j][:, 0], range(1, n_labels + 1))[0].nanmean()
+            rows.setdefault(name, []).append((float(dice), float(similarity(warp(m, phi)).mean())))
     return {name: tuple(sum(v) / len(v) for v in zip(*values)) for name, values in rows.items()}
 
 
